@@ -1,0 +1,1 @@
+"""Clinical rules, early-warning scores, the alarm lifecycle, escalation and delivery."""

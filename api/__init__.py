@@ -1,0 +1,1 @@
+"""The client API (HTTP and websockets) served by FastAPI."""

@@ -1,0 +1,1 @@
+"""Web user interfaces served by the API, and Grafana dashboards."""

@@ -1,0 +1,1 @@
+"""Device profiles and the simulator that drives them over the real protocols."""

@@ -1,0 +1,1 @@
+"""The relational system of record: sites, units, beds, patients, admissions, devices, users, audit, dead letters."""

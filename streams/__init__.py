@@ -1,0 +1,1 @@
+"""Event schemas, code tables, validation, the bus and the stream processors."""

@@ -1,0 +1,1 @@
+"""Stream processors in the one shape: `step(state, event) -> (state, effects)`."""

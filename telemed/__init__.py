@@ -1,0 +1,1 @@
+"""Telemedicine consults: signalling and WebRTC media (aiortc)."""

@@ -1,0 +1,1 @@
+"""Vigil: real-time clinical event hub. This package is the composition root (CLI and wiring)."""
