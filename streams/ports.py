@@ -23,8 +23,11 @@ class Bus(Protocol):
 
     def partitions(self, topic: str) -> int: ...
 
-    async def append(self, topic: str, records: Sequence[tuple[str, bytes]]) -> None:
-        """Append (key, value) records; durable once this returns. Same key, same partition, in order."""
+    async def append(self, records: Sequence[tuple[str, str, bytes]]) -> None:
+        """Append (topic, key, value) records atomically; durable once this returns.
+
+        The same key always lands in the same partition of a topic, in order.
+        """
 
     async def read(
         self, group: str, topic: str, partition: int, *, max_records: int = 500, timeout: float = 0.5

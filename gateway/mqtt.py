@@ -1,0 +1,173 @@
+"""MQTT ingress from an external broker (Mosquitto): QoS 1, persistent session, PUBACK after the append.
+
+aiomqtt acknowledges QoS 1 on receipt, so this adapter switches paho's manual acknowledgement on BEFORE
+connecting (a persistent session's queue arrives right after CONNACK) and acknowledges each message only
+once the gateway has made it durable. Messages are taken from the queue in batches so one log transaction
+serves many of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+
+from gateway.ingest import Ingestor, Offer
+from gateway.outcome import Outcome
+
+log = logging.getLogger(__name__)
+
+TOPIC_FILTER = "vigil/v1/+/+"
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    client_id: str = "vigil-gateway"
+    shared_group: str | None = None  # MQTT v5 shared subscription: several gateway processes split the load
+    max_batch: int = 2000
+    reconnect_initial: float = 0.5
+    reconnect_max: float = 10.0
+
+
+def parse_topic(topic: str) -> tuple[str, str] | None:
+    """`vigil/v1/{device_id}/{kind}` -> (device_id, kind); anything else is None."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != "vigil" or parts[1] != "v1" or not parts[2] or not parts[3]:
+        return None
+    return parts[2], parts[3]
+
+
+class MqttGateway:
+    """Consumes device topics from an external broker and hands them to the `Ingestor`."""
+
+    def __init__(self, ingest: Ingestor, settings: MqttSettings) -> None:
+        self._ingest = ingest
+        self._s = settings
+        self._task: asyncio.Task[None] | None = None
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.received = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._reconnect_loop(), name="mqtt-gateway")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Downlink (commands to a device) over the gateway's own connection."""
+        if self._client is None:
+            raise ConnectionError("MQTT gateway is not connected")
+        await self._client.publish(topic, payload, qos=qos)
+
+    async def _reconnect_loop(self) -> None:
+        delay = self._s.reconnect_initial
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except aiomqtt.MqttError as exc:
+                log.warning("MQTT connection to %s:%d lost (%s); retrying in %.1fs", self._s.host, self._s.port, exc, delay)
+            except Exception:
+                log.exception("MQTT gateway failed; retrying in %.1fs", delay)
+            self.connected.clear()
+            self._client = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._s.reconnect_max)
+
+    async def _session(self) -> None:
+        s = self._s
+        v5 = s.shared_group is not None
+        client = aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else False,
+            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=_session_properties() if v5 else None,
+            max_inflight_messages=1000,
+            keepalive=30,
+        )
+        paho_client: paho.Client = client._client  # the one place that reaches into aiomqtt
+        paho_client.manual_ack_set(True)  # before CONNECT: queued messages arrive right after CONNACK
+        async with client:
+            _nodelay(paho_client)
+            self._client = client
+            topic = f"$share/{s.shared_group}/{TOPIC_FILTER}" if s.shared_group else TOPIC_FILTER
+            await client.subscribe(topic, qos=1)
+            self.connected.set()
+            log.info("MQTT gateway connected to %s:%d, subscribed to %s", s.host, s.port, topic)
+            await self._receive_loop(client, paho_client)
+
+    async def _receive_loop(self, client: aiomqtt.Client, paho_client: paho.Client) -> None:
+        queue: asyncio.Queue[aiomqtt.Message] = client._queue
+        inflight = asyncio.Semaphore(4)  # batches being made durable while the next one is validated
+        tasks: set[asyncio.Task[None]] = set()
+        async for first in client.messages:
+            batch = [first]
+            while len(batch) < self._s.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            self.received += len(batch)
+            await inflight.acquire()
+            t = asyncio.create_task(self._handle(batch, paho_client, inflight))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+    async def _handle(self, batch: Sequence[aiomqtt.Message], paho_client: paho.Client, inflight: asyncio.Semaphore) -> None:
+        try:
+            offers: list[Offer] = []
+            placed: list[int] = []
+            outcomes: list[Outcome] = [Outcome.ACCEPTED] * len(batch)
+            for i, m in enumerate(batch):
+                parsed = parse_topic(m.topic.value)
+                if parsed is None or parsed[1] == "cmd":
+                    continue  # our own downlink or a foreign topic: acknowledged, nothing to store
+                payload = m.payload if isinstance(m.payload, bytes | bytearray) else str(m.payload).encode()
+                offers.append(Offer("mqtt", parsed[0], parsed[1], bytes(payload)))
+                placed.append(i)
+            if offers:
+                for i, outcome in zip(placed, await self._ingest.submit_many(offers), strict=True):
+                    outcomes[i] = outcome
+            for m, outcome in zip(batch, outcomes, strict=True):
+                if outcome is Outcome.UNAVAILABLE or m.qos == 0:
+                    continue  # not acknowledged: the broker redelivers it on the next session
+                with contextlib.suppress(Exception):
+                    paho_client.ack(m.mid, m.qos)
+        finally:
+            inflight.release()
+
+
+def _session_properties() -> Any:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 7 * 24 * 3600  # keep the queue while the gateway restarts
+    props.ReceiveMaximum = 1000
+    return props
+
+
+def _nodelay(paho_client: paho.Client) -> None:
+    # Nagle adds about 40 ms to small MQTT messages between processes (design.md).
+    sock = paho_client.socket()
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

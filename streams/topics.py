@@ -1,0 +1,20 @@
+"""Topic names, their keys and partition counts (the same names in the SQLite log and in Kafka)."""
+
+from __future__ import annotations
+
+INGEST = "vigil.ingest.v1"  # canonical device events, keyed by device id (dedup, late data, liveness)
+CLINICAL = "vigil.clinical.v1"  # deduplicated clinical events, keyed by patient (else bed, else device)
+DISPATCH = "vigil.dispatch.v1"  # SOS, GPS and crew events, keyed by site: one writer decides dispatch
+DEADLETTERS = "vigil.deadletters.v1"  # refused input with its reason, keyed by device (or transport)
+ADMISSIONS = "vigil.admissions.v1"  # bed/patient changes, keyed by site
+
+PARTITIONS: dict[str, int] = {INGEST: 4, CLINICAL: 4, DISPATCH: 1, DEADLETTERS: 1, ADMISSIONS: 1}
+
+
+def clinical_key(patient_id: str | None, bed_id: str | None, device_id: str) -> str:
+    """Clinical processors key by patient; a bed without a patient still raises alarms, keyed by bed."""
+    if patient_id:
+        return f"patient:{patient_id}"
+    if bed_id:
+        return f"bed:{bed_id}"
+    return f"device:{device_id}"
