@@ -69,9 +69,15 @@ class Ingestor:
             device = await self._directory.get(o.device_id)
             if device is None or not device.enabled:
                 dl = deadletter(
-                    Outcome.UNKNOWN_DEVICE.value, "device is not registered or is disabled",
-                    transport=o.transport, received_at=received_at, payload=o.payload,
-                    device_id=o.device_id, kind=o.kind, site_id=None, index=i,
+                    Outcome.UNKNOWN_DEVICE.value,
+                    "device is not registered or is disabled",
+                    transport=o.transport,
+                    received_at=received_at,
+                    payload=o.payload,
+                    device_id=o.device_id,
+                    kind=o.kind,
+                    site_id=None,
+                    index=i,
                 )
                 records.append((topics.DEADLETTERS, o.device_id, encode(dl)))
                 reasons.append(dl.reason)

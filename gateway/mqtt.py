@@ -14,10 +14,11 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from gateway.ingest import Ingestor, Offer
 from gateway.outcome import Outcome
@@ -82,7 +83,13 @@ class MqttGateway:
             except asyncio.CancelledError:
                 raise
             except aiomqtt.MqttError as exc:
-                log.warning("MQTT connection to %s:%d lost (%s); retrying in %.1fs", self._s.host, self._s.port, exc, delay)
+                log.warning(
+                    "MQTT connection to %s:%d lost (%s); retrying in %.1fs",
+                    self._s.host,
+                    self._s.port,
+                    exc,
+                    delay,
+                )
             except Exception:
                 log.exception("MQTT gateway failed; retrying in %.1fs", delay)
             self.connected.clear()
@@ -131,7 +138,9 @@ class MqttGateway:
             tasks.add(t)
             t.add_done_callback(tasks.discard)
 
-    async def _handle(self, batch: Sequence[aiomqtt.Message], paho_client: paho.Client, inflight: asyncio.Semaphore) -> None:
+    async def _handle(
+        self, batch: Sequence[aiomqtt.Message], paho_client: paho.Client, inflight: asyncio.Semaphore
+    ) -> None:
         try:
             offers: list[Offer] = []
             placed: list[int] = []
@@ -155,11 +164,8 @@ class MqttGateway:
             inflight.release()
 
 
-def _session_properties() -> Any:
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    props = Properties(PacketTypes.CONNECT)
+def _session_properties() -> Properties:
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 7 * 24 * 3600  # keep the queue while the gateway restarts
     props.ReceiveMaximum = 1000
     return props

@@ -1,1 +1,1 @@
-"""The relational system of record: sites, units, beds, patients, admissions, devices, users, audit, dead letters."""
+"""The relational system of record: places, patients, admissions, devices, users, audit, dead letters."""

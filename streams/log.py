@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS state (
 """
 
 
-class LogUnavailable(Exception):
+class LogUnavailableError(Exception):
     """The log could not make a record durable; the sender must not be acknowledged."""
 
 
@@ -104,12 +104,17 @@ class SqliteLog:
         self._rconn = await loop.run_in_executor(self._reader, self._open, False)
         rows = await loop.run_in_executor(
             self._writer,
-            lambda: self._w.execute("SELECT topic, part, MAX(off) FROM records GROUP BY topic, part").fetchall(),
+            lambda: self._w.execute(
+                "SELECT topic, part, MAX(off) FROM records GROUP BY topic, part"
+            ).fetchall(),
         )
         for topic, part, off in rows:
             self._next[(topic, part)] = off + 1
         rows = await loop.run_in_executor(
-            self._writer, lambda: self._w.execute("SELECT topic, part, MAX(off) FROM offsets GROUP BY topic, part").fetchall()
+            self._writer,
+            lambda: self._w.execute(
+                "SELECT topic, part, MAX(off) FROM offsets GROUP BY topic, part"
+            ).fetchall(),
         )
         for topic, part, off in rows:
             # Offsets survive pruning even when every record of a partition was pruned.
@@ -160,10 +165,12 @@ class SqliteLog:
     async def append(self, records: Sequence[tuple[str, str, bytes]], *, at: int = 0) -> None:
         await self.append_records(records, at=at)
 
-    async def append_records(self, records: Sequence[tuple[str, str, bytes]], *, at: int = 0) -> list[LogRecord]:
+    async def append_records(
+        self, records: Sequence[tuple[str, str, bytes]], *, at: int = 0
+    ) -> list[LogRecord]:
         """Append and return the stored records with their partitions and offsets."""
         if self._closed:
-            raise LogUnavailable("log is closed")
+            raise LogUnavailableError("log is closed")
         if not records:
             return []
         fut: asyncio.Future[list[LogRecord]] = asyncio.get_running_loop().create_future()
@@ -280,7 +287,8 @@ class SqliteLog:
 
         def q() -> list[LogRecord]:
             rows = self._r.execute(
-                "SELECT off, key, value FROM records WHERE topic=? AND part=? AND off>=? ORDER BY off LIMIT ?",
+                "SELECT off, key, value FROM records WHERE topic=? AND part=? AND off>=? "
+                "ORDER BY off LIMIT ?",
                 (topic, partition, pos, limit),
             ).fetchall()
             return [LogRecord(topic, partition, off, key, value) for off, key, value in rows]
@@ -301,7 +309,7 @@ class SqliteLog:
                 log.exception("log write failed")
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_exception(LogUnavailable(str(exc)))
+                        job.future.set_exception(LogUnavailableError(str(exc)))
                 continue
             self.transactions += 1
             touched: set[tuple[str, int]] = set()
@@ -353,7 +361,9 @@ class SqliteLog:
                         conn.executemany("DELETE FROM state WHERE ns=? AND key=?", dels)
                     results.append([])
             if rows:
-                conn.executemany("INSERT INTO records(topic, part, off, key, value, at) VALUES (?,?,?,?,?,?)", rows)
+                conn.executemany(
+                    "INSERT INTO records(topic, part, off, key, value, at) VALUES (?,?,?,?,?,?)", rows
+                )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

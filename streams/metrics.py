@@ -1,4 +1,4 @@
-"""Prometheus metrics, named as the contract's /metrics section says. Counted at the edges, never in the core."""
+"""Prometheus metrics, named as the contract's /metrics section says; counted at the edges."""
 
 from __future__ import annotations
 
@@ -7,13 +7,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 INGEST_TOTAL = Counter(
-    "vigil_ingest_total", "Device messages accepted into the durable log", ["transport", "kind"], registry=REGISTRY
+    "vigil_ingest_total",
+    "Device messages accepted into the durable log",
+    ["transport", "kind"],
+    registry=REGISTRY,
 )
 DEADLETTER_TOTAL = Counter(
     "vigil_deadletter_total", "Messages or items refused, by reason code", ["reason"], registry=REGISTRY
 )
-DUPLICATES_TOTAL = Counter("vigil_duplicates_total", "Repeated messages skipped by deduplication", registry=REGISTRY)
-LATE_TOTAL = Counter("vigil_late_total", "Messages with an unseen lower seq (late data)", ["kind"], registry=REGISTRY)
+DUPLICATES_TOTAL = Counter(
+    "vigil_duplicates_total", "Repeated messages skipped by deduplication", registry=REGISTRY
+)
+LATE_TOTAL = Counter(
+    "vigil_late_total", "Messages with an unseen lower seq (late data)", ["kind"], registry=REGISTRY
+)
 INGEST_LATENCY = Histogram(
     "vigil_ingest_latency_seconds",
     "Gateway receipt to durable vitals storage",
@@ -27,13 +34,19 @@ ALERT_DELIVERY = Histogram(
     registry=REGISTRY,
 )
 WS_CONNECTIONS = Gauge("vigil_ws_connections", "Open websocket connections", registry=REGISTRY)
-LOG_APPENDED = Counter("vigil_log_appended_total", "Records appended to the event log", ["topic"], registry=REGISTRY)
+LOG_APPENDED = Counter(
+    "vigil_log_appended_total", "Records appended to the event log", ["topic"], registry=REGISTRY
+)
 PROCESSOR_ERRORS = Counter(
     "vigil_processor_errors_total", "Batches a processor had to retry", ["processor"], registry=REGISTRY
 )
-VITALS_BACKLOG = Gauge("vigil_vitals_backlog", "Vitals points buffered on disk for the store", registry=REGISTRY)
+VITALS_BACKLOG = Gauge(
+    "vigil_vitals_backlog", "Vitals points buffered on disk for the store", registry=REGISTRY
+)
 BROKER_DROPS = Counter(
-    "vigil_broker_dropped_total", "Messages the MQTT broker reports it dropped for Vigil's session", registry=REGISTRY
+    "vigil_broker_dropped_total",
+    "Messages the MQTT broker reports it dropped for Vigil's session",
+    registry=REGISTRY,
 )
 
 _COUNTERS: dict[str, Counter] = {

@@ -50,7 +50,9 @@ class EmbeddedRuntime:
         self._running = True
         for proc in self._processors:
             for part in range(self._bus.partitions(proc.topic)):
-                self._tasks.append(asyncio.create_task(self._run(proc, part), name=f"proc:{proc.name}:{part}"))
+                self._tasks.append(
+                    asyncio.create_task(self._run(proc, part), name=f"proc:{proc.name}:{part}")
+                )
 
     async def stop(self) -> None:
         self._running = False

@@ -24,7 +24,9 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, *, host: str = "127.0.0.1", timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    port: int, *, host: str = "127.0.0.1", timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Wait until a TCP port accepts connections, failing early if the process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -49,7 +51,11 @@ class Proc:
     def start(self) -> Proc:
         logf = self.log.open("ab")
         self.popen = subprocess.Popen(
-            list(self.argv), stdout=logf, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+            list(self.argv),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
             start_new_session=True,
         )
         return self
@@ -96,6 +102,8 @@ class Mosquitto:
     def config(self) -> str:
         return (
             f"listener {self.port} 127.0.0.1\n"
+            # As root, Mosquitto drops to its own user, which cannot write the test's temp dir.
+            "user root\n"
             f"persistence true\npersistence_location {self.dir}/\n"
             "set_tcp_nodelay true\n"
             "max_queued_messages 1000000\nmax_queued_bytes 0\nmax_inflight_messages 1000\n"

@@ -69,7 +69,11 @@ class DeviceStage:
         if isinstance(event, GpsFix | CrewMessage | Sos):
             effects.append(Emit(topics.DISPATCH, meta.site_id, event))
         else:
-            effects.append(Emit(topics.CLINICAL, topics.clinical_key(meta.patient_id, meta.bed_id, meta.device_id), event))
+            effects.append(
+                Emit(
+                    topics.CLINICAL, topics.clinical_key(meta.patient_id, meta.bed_id, meta.device_id), event
+                )
+            )
         return st, effects
 
     @staticmethod

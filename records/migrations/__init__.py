@@ -1,0 +1,1 @@
+"""Alembic migrations of the relational records (run by `records.db.Database.migrate`)."""

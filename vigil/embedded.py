@@ -1,0 +1,236 @@
+"""Composition root of the embedded runtime (`vigil run`): one process, nothing to install."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from api.app import ApiContext, create_app
+from api.auth import TokenIssuer, load_key
+from gateway.broker import EmbeddedBroker
+from gateway.coap import CoapGateway
+from gateway.ingest import Ingestor
+from gateway.mqtt import MqttGateway, MqttSettings
+from gateway.registry import Registry
+from records.crypto import SecretCipher
+from records.db import Database, sqlite_url
+from records.deadletters import add_deadletters
+from records.people import ensure_admin
+from records.places import ensure_site
+from streams import topics
+from streams.clock import Clock, SystemClock
+from streams.log import SqliteLog
+from streams.metrics import VITALS_BACKLOG
+from streams.ports import VitalsStore
+from streams.processors.deadletters import DeadLetterSink
+from streams.processors.device import DeviceStage
+from streams.runtime import EmbeddedRuntime
+from streams.schemas import AdmissionChange, DeadLetter, encode
+from streams.sink import PortEffects
+from streams.vitals.buffer import BufferedVitalsStore
+from streams.vitals.influx import InfluxVitalsStore
+from streams.vitals.sqlite import SqliteVitalsStore
+from vigil.ports_check import check_free
+from vigil.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def make_vitals_store(settings: Settings, clock: Clock) -> tuple[VitalsStore, BufferedVitalsStore | None]:
+    """SQLite in the data dir, or the InfluxDB protocol behind an on-disk write-behind buffer."""
+    if not settings.influx_url:
+        return SqliteVitalsStore(settings.data_dir / "vitals.db"), None
+    inner = InfluxVitalsStore(
+        settings.influx_url,
+        api="v1" if settings.influx_api == "v1" else "v2",
+        token=settings.influx_token or "",
+        org=settings.influx_org or "",
+        bucket=settings.influx_bucket,
+        db=settings.influx_db,
+    )
+    buffered = BufferedVitalsStore(inner, settings.data_dir / "vitals-buffer.db", clock=clock)
+    return buffered, buffered
+
+
+@dataclass
+class EmbeddedHub:
+    """Everything `vigil run` starts, in dependency order, and stops in reverse."""
+
+    settings: Settings
+    clock: Clock = field(default_factory=SystemClock)
+    db: Database = field(init=False)
+    registry: Registry = field(init=False)
+    log: SqliteLog = field(init=False)
+    vitals: VitalsStore = field(init=False)
+    ingest: Ingestor = field(init=False)
+    runtime: EmbeddedRuntime = field(init=False)
+    _buffer: BufferedVitalsStore | None = field(init=False, default=None)
+    _mqtt: MqttGateway | None = field(init=False, default=None)
+    _broker: EmbeddedBroker | None = field(init=False, default=None)
+    _coap: CoapGateway | None = field(init=False, default=None)
+    _server: uvicorn.Server | None = field(init=False, default=None)
+    _tasks: list[asyncio.Task[Any]] = field(init=False, default_factory=list)
+    _background: set[asyncio.Task[Any]] = field(init=False, default_factory=set)
+
+    def check_ports(self) -> None:
+        s = self.settings
+        wanted = [
+            ("VIGIL_HTTP_PORT", s.http_port, socket.SOCK_STREAM),
+            ("VIGIL_COAP_PORT", s.coap_port, socket.SOCK_DGRAM),
+            ("VIGIL_COAPS_PORT", s.coaps_port, socket.SOCK_DGRAM),
+        ]
+        if s.mqtt_url is None:
+            wanted.insert(1, ("VIGIL_MQTT_PORT", s.mqtt_port, socket.SOCK_STREAM))
+        check_free(s.host, wanted)
+
+    async def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.check_ports()
+        self.db = Database(s.database_url or sqlite_url(s.data_dir))
+        await self.db.migrate()
+        now = self.clock.now_ms()
+        await ensure_site(self.db, s.default_site)
+        if s.admin_password:
+            await ensure_admin(self.db, s.admin_password, now)
+        cipher = SecretCipher.from_data_dir(s.data_dir)
+        self.registry = Registry(self.db, cipher)
+        await self.registry.start()
+
+        self.log = SqliteLog(s.data_dir / "log.db", partitions=topics.PARTITIONS)
+        await self.log.start()
+        self.vitals, self._buffer = make_vitals_store(s, self.clock)
+        await self.vitals.start()
+        sink = PortEffects(
+            bus=self.log, vitals=self.vitals, deadletters=self._record_deadletters, clock=self.clock
+        )
+        self.runtime = EmbeddedRuntime(self.log, sink, [DeviceStage(), DeadLetterSink()])
+        await self.runtime.start()
+        self.ingest = Ingestor(self.log, self.registry, self.clock)
+
+        if s.mqtt_url is None:
+            self._broker = EmbeddedBroker(
+                self.ingest,
+                self.registry,
+                host=s.host,
+                port=s.mqtt_port,
+                hub_username="vigil-hub",
+                hub_password=secrets.token_urlsafe(24),
+                on_refused=self._broker_refused,
+            )
+            await self._broker.start()
+        else:
+            u = s.mqtt_url
+            self._mqtt = MqttGateway(
+                self.ingest, MqttSettings(host=u.host, port=u.port, username=u.username, password=u.password)
+            )
+            await self._mqtt.start()
+        self._coap = CoapGateway(
+            ingest=self.ingest,
+            directory=self.registry,
+            host=s.host,
+            port=s.coap_port,
+            dtls_port=s.coaps_port,
+            on_refused=self._coap_refused,
+        )
+        await self._coap.start()
+
+        tokens = TokenIssuer(load_key(s.data_dir, s.jwt_secret))
+        ctx = ApiContext(
+            db=self.db,
+            vitals=self.vitals,
+            tokens=tokens,
+            clock=self.clock,
+            on_admission=self._admission,
+            readiness={"records": self.db.ping, "vitals": self.vitals.ready, "mqtt": self._mqtt_ready},
+        )
+        config = uvicorn.Config(
+            create_app(ctx),
+            host=s.host,
+            port=s.http_port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._tasks.append(asyncio.create_task(self._server.serve(), name="http"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        while not self._server.started:
+            if self._tasks[0].done():
+                self._tasks[0].result()
+            await asyncio.sleep(0.02)
+        log.info("vigil embedded hub ready on http://%s:%d", s.host, s.http_port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        for t in self._tasks:
+            if t.get_name() != "http":
+                t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for part in (self._coap, self._broker, self._mqtt):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    await part.stop()
+        await self.runtime.stop()
+        await self.vitals.close()
+        await self.log.close()
+        await self.registry.stop()
+        await self.db.close()
+
+    async def _mqtt_ready(self) -> bool:
+        if self._mqtt is not None:
+            return self._mqtt.connected.is_set()
+        return self._broker is not None
+
+    async def _record_deadletters(self, items: Sequence[DeadLetter]) -> None:
+        await add_deadletters(self.db, items)
+
+    async def _admission(self, change: AdmissionChange) -> None:
+        await self.log.append([(topics.ADMISSIONS, change.site_id, encode(change))])
+        await self.registry.refresh()  # attribution follows the bed at once
+
+    def _broker_refused(self, reason: str, device_id: str, topic: str, payload: bytes) -> None:
+        task = asyncio.create_task(self._refuse_mqtt(reason, device_id, topic, payload))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refuse_mqtt(self, reason: str, device_id: str, topic: str, payload: bytes) -> None:
+        await self.ingest.refuse(
+            reason,
+            f"MQTT publish on {topic!r} refused",
+            transport="mqtt",
+            device_id=device_id,
+            kind=None,
+            payload=payload,
+        )
+
+    async def _coap_refused(
+        self, reason: str, transport: str, device_id: str | None, kind: str | None, payload: bytes
+    ) -> None:
+        await self.ingest.refuse(
+            reason,
+            "CoAP request refused",
+            transport=transport,
+            device_id=device_id,
+            kind=kind,
+            payload=payload,
+        )
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            if self._buffer is not None:
+                VITALS_BACKLOG.set(self._buffer.backlog())
+            with contextlib.suppress(Exception):
+                await self.log.prune(older_than_ms=self.clock.now_ms() - 3_600_000)
