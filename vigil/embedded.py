@@ -18,6 +18,7 @@ from api.auth import TokenIssuer, load_key
 from gateway.broker import EmbeddedBroker
 from gateway.coap import CoapGateway
 from gateway.ingest import Ingestor
+from gateway.mosquitto_sync import MosquittoSync
 from gateway.mqtt import MqttGateway, MqttSettings
 from gateway.registry import Registry
 from records.crypto import SecretCipher
@@ -129,8 +130,17 @@ class EmbeddedHub:
             await self._broker.start()
         else:
             u = s.mqtt_url
+            if u.username and u.password and s.mqtt_dynsec:
+                await self._start_dynsec_sync(u.host, u.port, u.username, u.password)
             self._mqtt = MqttGateway(
-                self.ingest, MqttSettings(host=u.host, port=u.port, username=u.username, password=u.password)
+                self.ingest,
+                MqttSettings(
+                    host=u.host,
+                    port=u.port,
+                    username=u.username,
+                    password=u.password,
+                    shared_group=s.mqtt_shared_group,
+                ),
             )
             await self._mqtt.start()
         self._coap = CoapGateway(
@@ -161,11 +171,13 @@ class EmbeddedHub:
             access_log=False,
         )
         self._server = uvicorn.Server(config)
-        self._tasks.append(asyncio.create_task(self._server.serve(), name="http"))
+        http = asyncio.create_task(self._server.serve(), name="http")
+        self._tasks.append(http)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         while not self._server.started:
-            if self._tasks[0].done():
-                self._tasks[0].result()
+            if http.done():
+                http.result()
+                raise SystemExit(f"vigil: the HTTP server did not start; is VIGIL_HTTP_PORT {s.http_port} free?")
             await asyncio.sleep(0.02)
         log.info("vigil embedded hub ready on http://%s:%d", s.host, s.http_port)
 
@@ -187,6 +199,20 @@ class EmbeddedHub:
         await self.log.close()
         await self.registry.stop()
         await self.db.close()
+
+    async def _start_dynsec_sync(self, host: str, port: int, username: str, password: str) -> None:
+        async def devices() -> list[tuple[str, str, bool]]:
+            secrets_ = self.registry.credentials()
+            return [(d.id, secrets_.get(d.id, ""), d.id in secrets_) for d in self.registry.all_devices()]
+
+        sync = MosquittoSync(
+            mqtt_host=host, mqtt_port=port, admin_username=username, admin_password=password, devices=devices
+        )
+        try:
+            await asyncio.wait_for(sync.sync(), 15)
+        except Exception:
+            log.exception("could not bring Mosquitto's dynamic security in step with the registry; retrying")
+        self._tasks.append(asyncio.create_task(sync.run(1.0), name="mosquitto-sync"))
 
     async def _mqtt_ready(self) -> bool:
         if self._mqtt is not None:

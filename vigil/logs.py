@@ -28,5 +28,5 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("amqtt", "aiocoap", "transitions", "uvicorn.error", "httpx"):
+    for noisy in ("amqtt", "aiocoap", "transitions", "uvicorn.error", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

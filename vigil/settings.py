@@ -37,6 +37,8 @@ class Settings:
     data_dir: Path
     admin_password: str | None
     mqtt_url: MqttUrl | None  # an external broker; None embeds one
+    mqtt_dynsec: bool  # keep the external Mosquitto's dynamic-security clients in step with the registry
+    mqtt_shared_group: str | None  # MQTT v5 shared subscription group, for several gateway processes
     database_url: str | None  # PostgreSQL (scaled); None: SQLite in the data dir
     kafka_url: str | None
     redis_url: str | None
@@ -75,6 +77,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         data_dir=Path(e.get("VIGIL_DATA_DIR", "./var")).resolve(),
         admin_password=e.get("VIGIL_ADMIN_PASSWORD") or None,
         mqtt_url=parse_mqtt_url(mqtt_url) if mqtt_url else None,
+        mqtt_dynsec=e.get("VIGIL_MQTT_DYNSEC", "1") not in ("0", "false", "no"),
+        mqtt_shared_group=e.get("VIGIL_MQTT_SHARED_GROUP") or None,
         database_url=e.get("VIGIL_DATABASE_URL") or None,
         kafka_url=e.get("VIGIL_KAFKA_URL") or None,
         redis_url=e.get("VIGIL_REDIS_URL") or None,
