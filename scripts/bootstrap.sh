@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-run}"
 
-pkgs="python3-venv autoconf automake libtool"  # DTLSSocket (CoAPS) builds tinydtls from source
+pkgs="python3-venv curl autoconf automake libtool"  # DTLSSocket (CoAPS) builds tinydtls from source
 if [ "$mode" = test ]; then
   pkgs="$pkgs mosquitto mosquitto-clients redis-server postgresql libcoap3-bin chromium victoria-metrics influxdb docker-compose"
 fi
