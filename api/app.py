@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,9 +23,10 @@ from records.people import verify_user
 from records.places import get_bed, get_patient
 from streams.clock import Clock
 from streams.codes import resolve_code
+from streams.live import LiveFeed
 from streams.metrics import REGISTRY
 from streams.ports import VitalPoint, VitalsStore
-from streams.schemas import AdmissionChange
+from streams.schemas import AdmissionChange, Event
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class ApiContext:
     tokens: TokenIssuer
     clock: Clock
     on_admission: Callable[[AdmissionChange], Awaitable[None]]
+    live: LiveFeed
+    submit: Callable[[Sequence[Event]], Awaitable[None]]  # append canonical events to the ingest topic
     readiness: dict[str, Callable[[], Awaitable[bool]]] = field(default_factory=dict)
 
 
@@ -275,4 +279,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
             ]
         }
 
+    for name in EXTENSIONS:
+        importlib.import_module(name).install(app, ctx)
     return app
+
+
+# Modules that add routes: each has `install(app: FastAPI, ctx: ApiContext) -> None`.
+EXTENSIONS = ("api.board", "api.clinical", "api.fhir", "api.ws", "dashboards.web")

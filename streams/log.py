@@ -231,6 +231,27 @@ class SqliteLog:
         """Records with offset > `after`, for replay to clients that resume."""
         return await self._fetch(topic, partition, after + 1, limit)
 
+    async def wait_for_records(self, topic: str, partition: int, after: int, timeout: float) -> None:
+        """Return once a record with offset > `after` exists, or after `timeout` seconds."""
+        if self._next.get((topic, partition), 0) > after + 1 or self._closed:
+            return
+        waiter = self._waiters.get((topic, partition))
+        if waiter is None or waiter.done():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters[(topic, partition)] = waiter
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+
+    async def first_offset(self, topic: str, partition: int) -> int:
+        """The oldest offset still kept (the end offset when the partition is empty)."""
+        row = await asyncio.get_running_loop().run_in_executor(
+            self._reader,
+            lambda: self._r.execute(
+                "SELECT MIN(off) FROM records WHERE topic=? AND part=?", (topic, partition)
+            ).fetchone(),
+        )
+        return int(row[0]) if row and row[0] is not None else self.end_offset(topic, partition)
+
     async def load_state(self, namespace: str, keys: Iterable[str]) -> dict[str, bytes]:
         wanted = list(keys)
         if not wanted:
@@ -255,8 +276,11 @@ class SqliteLog:
 
         return await asyncio.get_running_loop().run_in_executor(self._reader, q)
 
-    async def prune(self, *, older_than_ms: int) -> int:
-        """Delete records appended before `older_than_ms` that every consumer group has committed."""
+    async def prune(self, *, older_than_ms: int, by_time: Sequence[str] = ()) -> int:
+        """Delete records appended before `older_than_ms` that every consumer group has committed.
+
+        Topics in `by_time` have no consumer group (clients follow them by cursor): age alone decides.
+        """
 
         def run() -> int:
             cur = self._w.execute(
@@ -264,7 +288,12 @@ class SqliteLog:
                 "WHERE o.topic = records.topic AND o.part = records.part), -1)",
                 (older_than_ms,),
             )
-            return cur.rowcount
+            n = cur.rowcount
+            for topic in by_time:
+                n += self._w.execute(
+                    "DELETE FROM records WHERE topic = ? AND at < ?", (topic, older_than_ms)
+                ).rowcount
+            return n
 
         return await asyncio.get_running_loop().run_in_executor(self._writer, run)
 

@@ -198,6 +198,26 @@ class AdmissionChange:
     reason: str  # admit, transfer, discharge, free
 
 
+@dataclass(frozen=True, slots=True)
+class LiveUpdate:
+    """What a live board shows of a bed or patient: new values or device state, as the device sent them."""
+
+    SCHEMA: ClassVar[str] = "live"
+    VERSION: ClassVar[int] = 1
+    id: str  # the input event's id
+    kind: str  # vitals, device, pump
+    at: int  # received time (ms)
+    site_id: str
+    unit_id: str | None
+    bed_id: str | None
+    patient_id: str | None
+    device_id: str
+    items: tuple[ObsItem, ...] = ()
+    conditions: tuple[str, ...] = ()
+    battery: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
 Event = (
     Observations
     | DeviceStatus
@@ -210,6 +230,7 @@ Event = (
     | Alert
     | DeadLetter
     | AdmissionChange
+    | LiveUpdate
 )
 
 _TYPES: dict[str, type[Any]] = {
@@ -226,6 +247,7 @@ _TYPES: dict[str, type[Any]] = {
         Alert,
         DeadLetter,
         AdmissionChange,
+        LiveUpdate,
     )
 }
 _TUPLE_FIELDS = {"items", "results", "conditions", "alarms", "flags"}

@@ -28,13 +28,14 @@ from records.people import ensure_admin
 from records.places import ensure_site
 from streams import topics
 from streams.clock import Clock, SystemClock
+from streams.live import LogLiveFeed
 from streams.log import SqliteLog
 from streams.metrics import VITALS_BACKLOG
 from streams.ports import VitalsStore
 from streams.processors.deadletters import DeadLetterSink
 from streams.processors.device import DeviceStage
 from streams.runtime import EmbeddedRuntime
-from streams.schemas import AdmissionChange, DeadLetter, encode
+from streams.schemas import AdmissionChange, DeadLetter, Event, encode
 from streams.sink import PortEffects
 from streams.vitals.buffer import BufferedVitalsStore
 from streams.vitals.influx import InfluxVitalsStore
@@ -160,6 +161,8 @@ class EmbeddedHub:
             tokens=tokens,
             clock=self.clock,
             on_admission=self._admission,
+            live=LogLiveFeed(self.log),
+            submit=self._submit_events,
             readiness={"records": self.db.ping, "vitals": self.vitals.ready, "mqtt": self._mqtt_ready},
         )
         config = uvicorn.Config(
@@ -177,7 +180,9 @@ class EmbeddedHub:
         while not self._server.started:
             if http.done():
                 http.result()
-                raise SystemExit(f"vigil: the HTTP server did not start; is VIGIL_HTTP_PORT {s.http_port} free?")
+                raise SystemExit(
+                    f"vigil: the HTTP server did not start; is VIGIL_HTTP_PORT {s.http_port} free?"
+                )
             await asyncio.sleep(0.02)
         log.info("vigil embedded hub ready on http://%s:%d", s.host, s.http_port)
 
@@ -222,6 +227,12 @@ class EmbeddedHub:
     async def _record_deadletters(self, items: Sequence[DeadLetter]) -> None:
         await add_deadletters(self.db, items)
 
+    async def _submit_events(self, events: Sequence[Event]) -> None:
+        """Canonical events made by the API (manual observations) join the device path at the ingest topic."""
+        await self.log.append(
+            [(topics.INGEST, e.meta.device_id, encode(e)) for e in events if hasattr(e, "meta")]
+        )
+
     async def _admission(self, change: AdmissionChange) -> None:
         await self.log.append([(topics.ADMISSIONS, change.site_id, encode(change))])
         await self.registry.refresh()  # attribution follows the bed at once
@@ -259,4 +270,6 @@ class EmbeddedHub:
             if self._buffer is not None:
                 VITALS_BACKLOG.set(self._buffer.backlog())
             with contextlib.suppress(Exception):
-                await self.log.prune(older_than_ms=self.clock.now_ms() - 3_600_000)
+                await self.log.prune(
+                    older_than_ms=self.clock.now_ms() - 3_600_000, by_time=topics.TIME_RETAINED
+                )

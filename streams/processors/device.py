@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import orjson
 
@@ -13,10 +14,13 @@ from streams.ports import VitalPoint
 from streams.schemas import (
     FLAG_LATE,
     CrewMessage,
+    DeviceStatus,
     Event,
     GpsFix,
+    LiveUpdate,
     Meta,
     Observations,
+    PumpStatus,
     Sos,
 )
 
@@ -66,6 +70,9 @@ class DeviceStage:
                     event, items=tuple(replace(i, flags=(*i.flags, FLAG_LATE)) for i in event.items)
                 )
             effects.append(WriteVitals(tuple(vital_points(event))))
+        live = live_update(event)
+        if live is not None:
+            effects.append(Emit(topics.LIVE, meta.site_id, live))
         if isinstance(event, GpsFix | CrewMessage | Sos):
             effects.append(Emit(topics.DISPATCH, meta.site_id, event))
         else:
@@ -95,6 +102,37 @@ class DeviceStage:
     def decode_state(self, raw: bytes) -> DeviceState:
         d = orjson.loads(raw)
         return DeviceState(seen=d["s"], high_seq=d["h"], last_received_at=d["r"], oldest_seen=d["o"])
+
+
+def live_update(event: Event) -> LiveUpdate | None:
+    """What the boards are pushed for an event (vitals, device conditions, pump state)."""
+    extra: dict[str, Any]
+    if isinstance(event, Observations):
+        kind, extra = "vitals", {"items": event.items}
+    elif isinstance(event, DeviceStatus):
+        kind, extra = "device", {"conditions": event.conditions, "battery": event.battery}
+    elif isinstance(event, PumpStatus):
+        detail = {
+            "state": event.state,
+            "drug": event.drug,
+            "rate_ml_h": event.rate_ml_h,
+            "alarms": list(event.alarms),
+        }
+        kind, extra = "pump", {"detail": detail}
+    else:
+        return None
+    m = event.meta
+    return LiveUpdate(
+        id=m.event_id,
+        kind=kind,
+        at=m.received_at,
+        site_id=m.site_id,
+        unit_id=m.unit_id,
+        bed_id=m.bed_id,
+        patient_id=m.patient_id,
+        device_id=m.device_id,
+        **extra,
+    )
 
 
 def vital_points(event: Observations) -> list[VitalPoint]:
