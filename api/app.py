@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from api.auth import CLINICAL_ROLES, Principal, TokenIssuer, require
-from records.admissions import admit, free_bed
+from records.admissions import admit_all, free_bed
 from records.db import Database
 from records.deadletters import list_deadletters
 from records.people import verify_user
@@ -217,7 +217,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         existing = await get_patient(ctx.db, body.patient_id)
         if existing is not None and not p.sees_site(existing.site_id):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such patient")
-        change = await admit(
+        changes = await admit_all(
             ctx.db,
             site_id=bed.site_id,
             bed_id=bed_id,
@@ -225,7 +225,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
             at=ctx.clock.now_ms(),
             actor=p.username,
         )
-        await ctx.on_admission(change)
+        for change in changes:  # a transfer also frees the patient's previous bed
+            await ctx.on_admission(change)
+        change = changes[-1]
         return {
             "bed_id": bed_id,
             "patient_id": body.patient_id,
