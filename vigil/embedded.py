@@ -265,10 +265,17 @@ class EmbeddedHub:
         )
 
     async def _housekeeping(self) -> None:
+        next_vitals_prune = 0.0
         while True:
             await asyncio.sleep(5)
             if self._buffer is not None:
                 VITALS_BACKLOG.set(self._buffer.backlog())
+            if isinstance(self.vitals, SqliteVitalsStore) and self.clock.monotonic() >= next_vitals_prune:
+                next_vitals_prune = self.clock.monotonic() + 600
+                try:
+                    await self.vitals.prune(self.clock.now_ms())
+                except Exception:
+                    log.exception("vitals retention pruning failed")
             with contextlib.suppress(Exception):
                 await self.log.prune(
                     older_than_ms=self.clock.now_ms() - 3_600_000, by_time=topics.TIME_RETAINED
