@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -78,6 +77,8 @@ class Database:
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision; a no-op when it is there already."""
+        if await self._revision() == head_revision():
+            return  # alembic itself takes most of a second to import: every CLI call would pay it
         async with self.engine.connect() as connection:
             await connection.run_sync(_upgrade, self.url)
             await connection.commit()
@@ -88,6 +89,14 @@ class Database:
         maker = self._reader if read_only else self._writer
         async with maker() as session, session.begin():
             yield session
+
+    async def _revision(self) -> str | None:
+        try:
+            async with self.engine.connect() as connection:
+                row = (await connection.execute(text("SELECT version_num FROM alembic_version"))).first()
+        except Exception:  # no table yet: a new database
+            return None
+        return None if row is None else str(row[0])
 
     async def ping(self) -> bool:
         """True when the database answers a query."""
@@ -103,7 +112,25 @@ class Database:
         await self.engine.dispose()
 
 
+_REVISION = re.compile(r"^(down_)?revision(?::[^=]*)?\s*=\s*['\"]?([\w]+|None)['\"]?", re.MULTILINE)
+
+
+def head_revision() -> str | None:
+    """The newest migration, read from the revision files without importing alembic."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        for down, value in _REVISION.findall(path.read_text()):
+            if value != "None":
+                (parents if down else revisions).add(value)
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
 def _upgrade(connection: Connection, url: str) -> None:
+    from alembic import command  # noqa: PLC0415 - only when a migration is due (slow import)
+    from alembic.config import Config  # noqa: PLC0415
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
