@@ -198,9 +198,14 @@ class InfluxVitalsStore:
             raise StoreUnavailableError(f"influxql query: HTTP {r.status_code}: {r.text[:300]}")
         results = r.json().get("results", [])
         result: dict[str, Any] = results[0] if results else {}
-        if "error" in result:
-            raise StoreUnavailableError(f"influxql query: {result['error']}")
-        return list(result.get("series", []))
+        if "error" in result or "statement_id" not in result:
+            raise StoreUnavailableError(f"influxql query: {result.get('error', 'not an InfluxQL answer')}")
+        series = list(result.get("series", []))
+        if any(s.get("name") != MEASUREMENT for s in series):
+            # VictoriaMetrics answers every /query with a made-up database list: an empty trend shown as
+            # "no data" would mislead a clinician, so a store that does not speak InfluxQL is an error.
+            raise StoreUnavailableError("influxql query: the store does not answer InfluxQL reads")
+        return series
 
     async def query(
         self, *, patient_id: str, code: str, since: int, until: int | None = None, limit: int = 10_000

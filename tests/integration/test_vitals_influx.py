@@ -125,6 +125,15 @@ async def test_v2_write_reaches_victoriametrics_with_tags(
     assert await vm_store.ready()
 
 
+async def test_victoriametrics_reads_fail_loudly_rather_than_look_empty(vm_store: InfluxVitalsStore) -> None:
+    # VictoriaMetrics has no InfluxQL: a trend that came back empty would read as "no data" to a clinician.
+    await vm_store.write([point(0, patient="P-vm-read")])
+    with pytest.raises(StoreUnavailableError, match="InfluxQL"):
+        await vm_store.query(patient_id="P-vm-read", code=HR, since=T0 - 1000)
+    with pytest.raises(StoreUnavailableError):
+        await vm_store.latest(patient_id="P-vm-read")
+
+
 async def test_v2_write_to_a_dead_port_raises_unavailable() -> None:
     store = InfluxVitalsStore(f"http://127.0.0.1:{free_port()}", api="v2", timeout=1.0)
     await store.start()
