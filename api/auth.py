@@ -32,7 +32,8 @@ class Principal:
     def sees(self, site_id: str | None, unit_id: str | None) -> bool:
         if not self.sees_site(site_id):
             return False
-        return self.units is None or unit_id is None or unit_id in self.units
+        # A caller scoped to units sees only what is in them: a patient in no bed is in none of them.
+        return self.units is None or (unit_id is not None and unit_id in self.units)
 
     def site_filter(self) -> set[str] | None:
         """None when the caller sees every site."""
