@@ -27,6 +27,7 @@ from streams.codes import CODE_LOOKUP, CodeInfo, is_loinc
 from streams.schemas import (
     FLAG_ARTIFACT,
     FLAG_FUTURE_TS,
+    FLAG_MANUAL,
     CrewMessage,
     DeadLetter,
     DeviceStatus,
@@ -665,3 +666,94 @@ def parse_message(
     except Exception as e:  # a bug must not become a poison message that blocks the device's queue
         return ctx.refuse(Outcome.SCHEMA, INTERNAL, f"validation failed: {type(e).__name__}: {e}")
     return Parsed(Outcome.ACCEPTED, event, tuple(ctx.dls) if ctx.dls else ())
+
+
+# Manual observations (a clinician at a keyboard, through the API).
+MAX_MANUAL_ITEMS = 64
+FUTURE_TS = "future_ts"
+PHYSIOLOGICAL_RANGE = "physiological_range"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why one item (or, with `index` None, the entry as a whole) of a manual entry was refused."""
+
+    index: int | None
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ManualParsed:
+    """A manual entry: the event when every item passed, else None and every refusal."""
+
+    event: Observations | None
+    refused: tuple[Refusal, ...]
+
+
+def parse_manual_observations(
+    raw_items: object,
+    *,
+    raw_ts: object,
+    event_id: str,
+    device_id: str,
+    site_id: str,
+    unit_id: str | None,
+    bed_id: str | None,
+    patient_id: str,
+    received_at: int,
+    limits: Limits = DEFAULT_LIMITS,
+) -> ManualParsed:
+    """Validate a clinician's `obs` list with the device item rules (codes, units, ranges, times).
+
+    All or nothing, since a person can correct and resend: any refused item refuses the entry, and every
+    refusal is reported. Two device outcomes become refusals here, because storing them would chart a value
+    nobody uses: a value outside the physiological range (a device's is kept flagged `artifact`) and a time
+    more than `limits.future_ms` ahead (a device's is moved to its received time and flagged `future_ts`).
+    Accepted items are flagged `manual`; the event travels as transport `api`.
+    """
+    device = DeviceInfo(device_id, "manual", site_id, unit_id, bed_id, patient_id, allow_plain_coap=False)
+    ctx = _Ctx(b"", transport="api", device=device, kind="obs", received_at=received_at, limits=limits)
+    refused: list[Refusal] = []
+    if type(raw_items) is not list or not raw_items:
+        refused.append(Refusal(None, SCHEMA, "obs: a non-empty list of observations is required"))
+        return ManualParsed(None, tuple(refused))
+    if len(raw_items) > MAX_MANUAL_ITEMS:
+        refused.append(Refusal(None, SCHEMA, f"obs: at most {MAX_MANUAL_ITEMS} observations per entry"))
+        return ManualParsed(None, tuple(refused))
+    ts = received_at
+    if raw_ts is not None:
+        try:
+            ts, future = ctx.ts(raw_ts, "ts")
+        except _RefusedError as r:
+            refused.append(Refusal(None, r.reason, r.detail))
+        else:
+            if future:
+                refused.append(Refusal(None, FUTURE_TS, f"ts: {_show(raw_ts)} is in the future"))
+    items: list[ObsItem] = []
+    for i, raw in enumerate(raw_items):
+        try:
+            item = _obs_item(ctx, raw, i, ts, False)
+        except _RefusedError as r:
+            refused.append(Refusal(i, r.reason, r.detail))
+            continue
+        if FLAG_FUTURE_TS in item.flags:
+            own_ts = raw.get("ts") if type(raw) is dict else None
+            refused.append(Refusal(i, FUTURE_TS, f"obs[{i}].ts: {_show(own_ts)} is in the future"))
+        elif FLAG_ARTIFACT in item.flags:
+            info = CODE_LOOKUP[item.code]
+            lo, hi = info.physiological
+            refused.append(
+                Refusal(
+                    i,
+                    PHYSIOLOGICAL_RANGE,
+                    f"obs[{i}].value: {item.value:g} {info.unit} is outside the physiological range "
+                    f"{lo:g}..{hi:g} of {info.ref}; check the reading",
+                )
+            )
+        else:
+            items.append(ObsItem(item.code, item.value, item.unit, item.ts, (*item.flags, FLAG_MANUAL)))
+    if refused:
+        return ManualParsed(None, tuple(refused))
+    meta = Meta(event_id, device_id, "obs", "api", ts, received_at, site_id, unit_id, bed_id, patient_id)
+    return ManualParsed(Observations(meta, tuple(items)), ())
