@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streams.clock import Clock, SystemClock
 from streams.ports import LogRecord
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,10 @@ class SqliteLog:
         synchronous: str = "FULL",
         tail: int = 20_000,
         default_partitions: int = 4,
+        clock: Clock | None = None,
     ) -> None:
         self._path = path
+        self._clock: Clock = clock or SystemClock()
         self._partitions = dict(partitions)
         self._default_partitions = default_partitions
         self._synchronous = synchronous
@@ -92,6 +95,9 @@ class SqliteLog:
         self._pending: list[_Append | _Commit] = []
         self._flushing: asyncio.Task[None] | None = None
         self._closed = False
+        # (last offset, append time) marks per partition, oldest first: pruning deletes by primary-key range
+        # up to the newest mark older than the cutoff, never scanning what it keeps.
+        self._marks: dict[tuple[str, int], collections.deque[tuple[int, int]]] = {}
         self.appended = 0
         self.transactions = 0
 
@@ -119,6 +125,9 @@ class SqliteLog:
         for topic, part, off in rows:
             # Offsets survive pruning even when every record of a partition was pruned.
             self._next[(topic, part)] = max(self._next.get((topic, part), 0), off + 1)
+        started = self._clock.now_ms()
+        for tp, nxt in self._next.items():
+            self._marks[tp] = collections.deque([(nxt - 1, started)])  # all older records: "as of now"
 
     def _open(self, write: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -162,11 +171,11 @@ class SqliteLog:
         """The offset the next record of this partition will get."""
         return self._next.get((topic, partition), 0)
 
-    async def append(self, records: Sequence[tuple[str, str, bytes]], *, at: int = 0) -> None:
+    async def append(self, records: Sequence[tuple[str, str, bytes]], *, at: int | None = None) -> None:
         await self.append_records(records, at=at)
 
     async def append_records(
-        self, records: Sequence[tuple[str, str, bytes]], *, at: int = 0
+        self, records: Sequence[tuple[str, str, bytes]], *, at: int | None = None
     ) -> list[LogRecord]:
         """Append and return the stored records with their partitions and offsets."""
         if self._closed:
@@ -174,7 +183,7 @@ class SqliteLog:
         if not records:
             return []
         fut: asyncio.Future[list[LogRecord]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Append(records, at, fut))
+        self._pending.append(_Append(records, self._clock.now_ms() if at is None else at, fut))
         self._kick()
         return await fut
 
@@ -281,21 +290,44 @@ class SqliteLog:
 
         Topics in `by_time` have no consumer group (clients follow them by cursor): age alone decides.
         """
+        loop = asyncio.get_running_loop()
+        committed: dict[tuple[str, int], int] = dict(
+            ((t, p), off)
+            for t, p, off in await loop.run_in_executor(
+                self._reader,
+                lambda: self._r.execute(
+                    "SELECT topic, part, MIN(off) FROM offsets GROUP BY topic, part"
+                ).fetchall(),
+            )
+        )
+        ranges: list[tuple[str, int, int]] = []
+        for tp, marks in self._marks.items():
+            old = None
+            while marks and marks[0][1] < older_than_ms:
+                old = marks.popleft()[0]
+            if old is None:
+                continue
+            done = self._next.get(tp, 0) - 1 if tp[0] in by_time else committed.get(tp, -1)
+            upto = min(old, done)
+            if upto < old:  # not yet consumed: keep the mark for the next round
+                marks.appendleft((old, older_than_ms - 1))
+            if upto >= 0:
+                ranges.append((tp[0], tp[1], upto))
 
         def run() -> int:
-            cur = self._w.execute(
-                "DELETE FROM records WHERE at < ? AND off <= COALESCE((SELECT MIN(o.off) FROM offsets o "
-                "WHERE o.topic = records.topic AND o.part = records.part), -1)",
-                (older_than_ms,),
+            return sum(
+                self._w.execute("DELETE FROM records WHERE topic=? AND part=? AND off<=?", r).rowcount
+                for r in ranges
             )
-            n = cur.rowcount
-            for topic in by_time:
-                n += self._w.execute(
-                    "DELETE FROM records WHERE topic = ? AND at < ?", (topic, older_than_ms)
-                ).rowcount
-            return n
 
-        return await asyncio.get_running_loop().run_in_executor(self._writer, run)
+        if not ranges:
+            return 0
+        deleted = await loop.run_in_executor(self._writer, run)
+        for topic, part, upto in ranges:
+            tail = self._tails.get((topic, part))
+            while tail and tail[0].offset <= upto:
+                tail.popleft()  # readers by cursor must not see what the file no longer holds
+        return deleted
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -324,6 +356,17 @@ class SqliteLog:
 
         return await asyncio.get_running_loop().run_in_executor(self._reader, q)
 
+    def _mark(self, stored: list[LogRecord], at: int) -> None:
+        last: dict[tuple[str, int], int] = {}
+        for rec in stored:
+            last[(rec.topic, rec.partition)] = rec.offset
+        for tp, off in last.items():
+            marks = self._marks.setdefault(tp, collections.deque())
+            if marks and at - marks[-1][1] < 1000:
+                marks[-1] = (off, max(at, marks[-1][1]))  # one mark a second is fine-grained enough
+            else:
+                marks.append((off, at))
+
     def _kick(self) -> None:
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
@@ -351,6 +394,8 @@ class SqliteLog:
                     tail.append(rec)
                     self._next[tp] = rec.offset + 1
                     touched.add(tp)
+                if isinstance(job, _Append) and stored:
+                    self._mark(stored, job.at)
                 self.appended += len(stored)
                 if not job.future.done():
                     job.future.set_result(stored)

@@ -6,7 +6,6 @@ Every record carries `SCHEMA` (its name on the wire) and `VERSION`. Times are in
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -253,40 +252,45 @@ _TYPES: dict[str, type[Any]] = {
 _TUPLE_FIELDS = {"items", "results", "conditions", "alarms", "flags"}
 
 
+_HEADERS: dict[type[Any], bytes] = {
+    t: f'{{"_s":"{t.SCHEMA}","_v":{t.VERSION},"d":'.encode() for t in _TYPES.values()
+}
+
+
 def encode(event: Event) -> bytes:
-    """Compact JSON with the schema name and version under `_s` and `_v`."""
-    body = dataclasses.asdict(event)
-    body["_s"] = event.SCHEMA
-    body["_v"] = event.VERSION
-    return orjson.dumps(body)
+    """Compact JSON `{"_s": schema, "_v": version, "d": fields}`; orjson serialises dataclasses natively."""
+    return _HEADERS[type(event)] + orjson.dumps(event) + b"}"
 
 
 def decode(data: bytes) -> Event:
     """The inverse of `encode`; raises ValueError on an unknown schema or a newer version."""
     body = orjson.loads(data)
-    name = body.pop("_s")
-    version = body.pop("_v")
-    cls = _TYPES.get(name)
+    name = body.get("_s")
+    version = body.get("_v")
+    cls = _TYPES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(f"unknown schema {name!r}")
-    if version > cls.VERSION:
+    if not isinstance(version, int) or version > cls.VERSION:
         raise ValueError(f"schema {name} v{version} is newer than this build (v{cls.VERSION})")
-    return _build(cls, body)  # type: ignore[no-any-return]
+    return _build(cls, body["d"])  # type: ignore[no-any-return]
+
+
+def _items(raw: list[dict[str, Any]]) -> tuple[ObsItem, ...]:
+    return tuple(ObsItem(i["code"], i["value"], i["unit"], i["ts"], tuple(i["flags"])) for i in raw)
+
+
+_CONVERT: dict[str, Any] = {
+    "meta": lambda v: Meta(**v),
+    "items": _items,
+    "results": lambda v: tuple(LabResult(**r) for r in v),
+    **{name: tuple for name in _TUPLE_FIELDS - {"items", "results"}},
+}
 
 
 def _build(cls: type[Any], body: dict[str, Any]) -> Any:
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in body:
-            continue
-        value = body[f.name]
-        if f.name == "meta":
-            value = Meta(**value)
-        elif f.name == "items":
-            value = tuple(ObsItem(**{**i, "flags": tuple(i.get("flags", ()))}) for i in value)
-        elif f.name == "results":
-            value = tuple(LabResult(**r) for r in value)
-        elif f.name in _TUPLE_FIELDS:
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
+    convert = _CONVERT
+    for name, value in body.items():
+        conv = convert.get(name)
+        if conv is not None:
+            body[name] = conv(value)
+    return cls(**body)

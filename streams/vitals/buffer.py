@@ -126,7 +126,7 @@ class BufferedVitalsStore:
         sql = "INSERT INTO queue (patient_id, code, ts, received_at, body) VALUES (?,?,?,?,?)"
 
         def append(c: sqlite3.Connection) -> None:
-            transaction(c, lambda t: t.executemany(sql, rows))
+            transaction(c, lambda t: t.executemany(sql, rows).close())
             self._backlog += len(rows)  # counted on the queue's thread, in order with the drain's deletes
 
         await self._queue.run(append)

@@ -39,8 +39,19 @@ class SqliteWorker:
         self._conn = conn
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(connection)` on the worker thread."""
-        return await self._submit(lambda: fn(self._connection()))
+        """Run `fn(connection)` on the worker thread.
+
+        A cursor freed on another thread resets its cached statement while this thread may be running it
+        again ("bad parameter or other API misuse"), so a returned cursor is closed here, on its own thread.
+        """
+
+        def call() -> T:
+            result = fn(self._connection())
+            if isinstance(result, sqlite3.Cursor):
+                result.close()
+            return result
+
+        return await self._submit(call)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -161,7 +172,7 @@ class SqliteVitalsStore:
             return
         rows = [_to_row(p) for p in points]
         sql = f"INSERT OR IGNORE INTO vitals ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-        await self._writer.run(lambda c: transaction(c, lambda t: t.executemany(sql, rows)))
+        await self._writer.run(lambda c: transaction(c, lambda t: t.executemany(sql, rows).close()))
 
     async def query(
         self, *, patient_id: str, code: str, since: int, until: int | None = None, limit: int = 10_000

@@ -60,3 +60,14 @@ async def test_prune_keeps_uncommitted(tmp_path: Path) -> None:
     await again.append([("t", "k", b"c")])
     assert again.end_offset("t", 0) == 3
     await again.close()
+
+
+async def test_time_retained_topic_is_pruned_by_age_alone(tmp_path: Path) -> None:
+    log = SqliteLog(tmp_path / "log.db", partitions={"live": 1})
+    await log.start()
+    await log.append([("live", "s", b"old")], at=1_000)
+    await log.append([("live", "s", b"new")], at=10_000)
+    assert await log.prune(older_than_ms=5_000, by_time=("live",)) == 1
+    assert [r.value for r in await log.records_after("live", 0, -1, 10)] == [b"new"]
+    assert await log.first_offset("live", 0) == 1
+    await log.close()
