@@ -1,14 +1,37 @@
-"""Serves the web UIs (the ICU board) as static files."""
+"""Serves the web UIs (the ICU board) as static files: `/` is the board, `/static/...` its assets."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 if TYPE_CHECKING:
     from api.app import ApiContext
 
+STATIC = Path(__file__).parent / "static"
+
+# The board holds a bearer token and patient data: no caching by proxies, no framing by other origins.
+_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        "style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+    ),
+}
+
 
 def install(app: FastAPI, ctx: ApiContext) -> None:
-    """Add this module's routes to the app (being built in this issue)."""
+    """Mount the board: `/` answers index.html, `/static` the files beside it."""
+
+    @app.get("/", include_in_schema=False)
+    async def board() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")

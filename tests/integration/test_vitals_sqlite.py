@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -148,13 +147,8 @@ async def test_points_survive_reopen_and_use_wal(tmp_path: Path) -> None:
         await again.close()
 
 
-async def test_ten_thousand_points_in_one_write_is_fast(store: SqliteVitalsStore) -> None:
-    batches = [[point(b * 10_000 + i, patient=f"P-{i % 40}") for i in range(10_000)] for b in range(4)]
-    await store.write(batches[0])  # warm-up: table and index pages created
-    took = []
-    for batch in batches[1:]:
-        t = time.perf_counter()
-        await store.write(batch)
-        took.append(time.perf_counter() - t)
-    assert min(took) < 0.1, took
-    assert len(await store.query(patient_id="P-0", code=HR, since=0, limit=100_000)) == 1000
+async def test_large_batches_are_stored_whole(store: SqliteVitalsStore) -> None:
+    # Speed is measured by bench/ scripts, never asserted here; this checks a big batch lands whole.
+    for b in range(3):
+        await store.write([point(b * 10_000 + i, patient=f"P-{i % 40}") for i in range(10_000)])
+    assert len(await store.query(patient_id="P-0", code=HR, since=0, limit=100_000)) == 750
