@@ -845,7 +845,7 @@ function appendDetail(values) {
 // ---------------------------------------------------------------- wiring
 
 function tick() {
-  $("clock").textContent = new Date(serverNow()).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  $("clock").textContent = new Date(serverNow()).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
   const who = sessionStorage.getItem(USER_KEY);
   renderLink();
   if (who && state.token) $("logout").title = `Signed in as ${who}`;
