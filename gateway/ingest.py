@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,8 +39,15 @@ class Ingestor:
     """Implements `gateway.outcome.Ingest` over any durable `Appender` (the SQLite log or Kafka)."""
 
     def __init__(
-        self, bus: Appender, directory: DeviceDirectory, clock: Clock, *, limits: Limits = DEFAULT_LIMITS
+        self,
+        bus: Appender,
+        directory: DeviceDirectory,
+        clock: Clock,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self._gate = gate  # awaited before each batch: backpressure from the processors
         self._bus = bus
         self._directory = directory
         self._clock = clock
@@ -60,6 +67,8 @@ class Ingestor:
 
     async def submit_many(self, offers: Sequence[Offer]) -> list[Outcome]:
         """Validate a batch and make it durable in one append: one fsync is shared by all of them."""
+        if self._gate is not None:
+            await self._gate()
         received_at = self._clock.now_ms()
         records: list[tuple[str, str, bytes]] = []
         outcomes: list[Outcome] = []

@@ -43,7 +43,7 @@ class EmbeddedRuntime:
         self._retry_max = retry_max
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
-        self._lag: dict[tuple[str, int], int] = {}
+        self._done: dict[tuple[str, str, int], int] = {}  # (group, topic, partition) -> last committed offset
         self.healthy = True
 
     async def start(self) -> None:
@@ -62,6 +62,25 @@ class EmbeddedRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+
+    def lag(self, topic: str) -> int:
+        """Records of `topic` appended but not yet committed by its slowest processor partition."""
+        worst = 0
+        for proc in self._processors:
+            if proc.topic != topic:
+                continue
+            for part in range(self._bus.partitions(topic)):
+                done = self._done.get((proc.name, topic, part))
+                if done is None:
+                    continue  # not started yet: its first batch tells
+                worst = max(worst, self._bus.end_offset(topic, part) - 1 - done)
+        return worst
+
+    async def backpressure(self, topic: str, limit: int, *, poll: float = 0.05) -> None:
+        """Wait while `topic`'s backlog exceeds `limit`: the gateway then holds its acknowledgements, so the
+        devices' brokers and clients queue instead of the log growing without bound."""
+        while self._running and self.lag(topic) > limit:
+            await asyncio.sleep(poll)
 
     async def drained(self, timeout: float = 10.0) -> bool:
         """Wait until every processor has committed everything appended so far."""
@@ -112,6 +131,7 @@ class EmbeddedRuntime:
                     (proc.name, k, None if states[k] is None else proc.encode_state(states[k])) for k in dirty
                 ]
                 await self._bus.commit(proc.name, proc.topic, part, records[-1].offset, state_rows)
+                self._done[(proc.name, proc.topic, part)] = records[-1].offset
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -45,6 +45,8 @@ from vigil.settings import Settings
 
 log = logging.getLogger(__name__)
 
+INGEST_BACKLOG_LIMIT = 200_000  # device messages logged but not yet processed before acks are held
+
 
 def make_vitals_store(settings: Settings, clock: Clock) -> tuple[VitalsStore, BufferedVitalsStore | None]:
     """SQLite in the data dir, or the InfluxDB protocol behind an on-disk write-behind buffer."""
@@ -116,7 +118,13 @@ class EmbeddedHub:
         )
         self.runtime = EmbeddedRuntime(self.log, sink, [DeviceStage(), DeadLetterSink()])
         await self.runtime.start()
-        self.ingest = Ingestor(self.log, self.registry, self.clock)
+        runtime = self.runtime
+        self.ingest = Ingestor(
+            self.log,
+            self.registry,
+            self.clock,
+            gate=lambda: runtime.backpressure(topics.INGEST, INGEST_BACKLOG_LIMIT),
+        )
 
         if s.mqtt_url is None:
             self._broker = EmbeddedBroker(
