@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,25 +25,9 @@ from records.people import add_user, ensure_admin, get_user, verify_user
 from records.places import ensure_bed, get_bed, get_patient, set_news2
 from records.version import registry_version
 from streams.schemas import DeadLetter
-from tests.servers_pg import Postgres, postgres
 
 pytestmark = pytest.mark.integration
 T0 = 1_795_428_000_000
-_names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    with postgres() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path / "data")
-    server: Postgres = request.getfixturevalue("pg")
-    return server.create_database(f"records_{next(_names)}")
 
 
 @pytest.fixture

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +15,11 @@ from gateway.device import DeviceDirectory
 from gateway.registry import Registry
 from records.admissions import admit, free_bed
 from records.crypto import SecretCipher
-from records.db import Database, sqlite_url
+from records.db import Database
 from records.devices import add_device, set_device_enabled
-from tests.servers_pg import Postgres, postgres
 
 pytestmark = pytest.mark.integration
 T0 = 1_795_428_000_000
-_names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    with postgres() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path / "data")
-    server: Postgres = request.getfixturevalue("pg")
-    return server.create_database(f"registry_{next(_names)}")
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from argon2 import PasswordHasher
@@ -13,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from records import people
 from records.audit import list_audit
-from records.db import Database, sqlite_url
+from records.db import Database
 from records.errors import NotFoundError
 from records.people import add_user
 from records.places import ensure_bed
@@ -26,25 +24,9 @@ from records.staff import (
     set_roster,
 )
 from records.staff_models import Assignment
-from tests.servers_pg import Postgres, postgres
 
 pytestmark = pytest.mark.integration
 T0 = 1_795_428_000_000
-_names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    with postgres() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path / "data")
-    server: Postgres = request.getfixturevalue("pg")
-    return server.create_database(f"staff_{next(_names)}")
 
 
 @pytest.fixture
