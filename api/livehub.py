@@ -375,7 +375,9 @@ class VitalsMerger:
                 continue
             if w.pending:
                 out.extend(self._flush(w))
-                self._open(key, now)
+                # The next window starts when this one was due, not when the timer ran: otherwise every
+                # timer's lateness shifts the window, and a device at exactly 1 Hz drifts into being held.
+                self._open(key, until)
             else:
                 del self._windows[key]
         return out
@@ -389,8 +391,8 @@ class VitalsMerger:
             heapq.heappop(self._due)
         return None
 
-    def _open(self, key: str, now: float) -> None:
-        until = now + self._window
+    def _open(self, key: str, start: float) -> None:
+        until = start + self._window
         self._windows[key] = _Window(until)
         heapq.heappush(self._due, (until, key))
 

@@ -188,6 +188,28 @@ def test_a_late_timer_sends_the_held_message_before_the_next_one() -> None:
     assert [(p.cursor, hr_of(p)) for p in out] == [(1, 61), (2, 62)]
 
 
+def test_a_device_at_one_hertz_with_jitter_is_never_held_long() -> None:
+    # Timers run late by a few ms; the next window must start when the last was due, not when its timer
+    # ran, or each late timer pushes the window on and every reading ends up held for up to a second.
+    m = VitalsMerger(1.0)
+    offered: dict[int, float] = {}
+    holds: list[float] = []
+
+    def run_timers(until: float) -> None:
+        while (due := m.next_due()) is not None and due + 0.004 <= until:
+            for p in m.due(due + 0.004):  # every timer fires 4 ms late
+                holds.append(due + 0.004 - offered[p.cursor])
+
+    for i in range(200):
+        t = i + (0.001 if i % 2 else -0.001)  # a 1 Hz device with a millisecond of jitter
+        run_timers(t)
+        offered[i] = t
+        holds.extend(0.0 for _ in m.offer(i, vitals(value=60 + i % 50, seq=i), now=t))
+    run_timers(300.0)
+    assert len(holds) == 200  # nothing merged away: one reading a second is one message a second
+    assert max(holds) < 0.01
+
+
 # -- latest state ----------------------------------------------------------------------------------------
 
 
