@@ -82,7 +82,8 @@ def _point_value(p: VitalPoint) -> float | str:
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="Vigil", version="1", docs_url="/docs", openapi_url="/openapi.json")
+    # /docs is served by dashboards/web.py from vendored Swagger UI: the default pulls it from a CDN.
+    app = FastAPI(title="Vigil", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.tokens = ctx.tokens
     app.state.ctx = ctx
 

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 if TYPE_CHECKING:
@@ -33,5 +34,16 @@ def install(app: FastAPI, ctx: ApiContext) -> None:
     @app.get("/", include_in_schema=False)
     async def board() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html", headers=_HEADERS)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """The OpenAPI explorer, from the vendored Swagger UI (no internet needed)."""
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Vigil API",
+            swagger_js_url="/static/vendor/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/vendor/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/vendor/swagger-ui/favicon-32x32.png",
+        )
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
