@@ -57,6 +57,8 @@ class _Commit:
     partition: int
     offset: int
     state: Sequence[tuple[str, str, bytes | None]]
+    records: Sequence[tuple[str, str, bytes]]
+    at: int
     future: asyncio.Future[list[LogRecord]]
 
 
@@ -194,10 +196,14 @@ class SqliteLog:
         partition: int,
         offset: int,
         state: Sequence[tuple[str, str, bytes | None]] = (),
+        records: Sequence[tuple[str, str, bytes]] = (),
     ) -> None:
-        """Commit a consumer offset, with keyed state (namespace, key, value or None to delete) atomically."""
+        """Commit a consumer offset with keyed state (namespace, key, value or None to delete) and the
+        records its batch emits (topic, key, value), all in one transaction: emitted exactly once."""
         fut: asyncio.Future[list[LogRecord]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Commit(group, topic, partition, offset, state, fut))
+        self._pending.append(
+            _Commit(group, topic, partition, offset, state, records, self._clock.now_ms(), fut)
+        )
         self._kick()
         await fut
 
@@ -394,7 +400,7 @@ class SqliteLog:
                     tail.append(rec)
                     self._next[tp] = rec.offset + 1
                     touched.add(tp)
-                if isinstance(job, _Append) and stored:
+                if stored:
                     self._mark(stored, job.at)
                 self.appended += len(stored)
                 if not job.future.done():
@@ -412,16 +418,15 @@ class SqliteLog:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for job in batch:
-                if isinstance(job, _Append):
-                    stored: list[LogRecord] = []
-                    for topic, key, value in job.records:
-                        part = partition_for(key, self._partitions.get(topic, self._default_partitions))
-                        off = nxt.get((topic, part), 0)
-                        nxt[(topic, part)] = off + 1
-                        rows.append((topic, part, off, key, value, job.at))
-                        stored.append(LogRecord(topic, part, off, key, value))
-                    results.append(stored)
-                else:
+                stored: list[LogRecord] = []
+                for topic, key, value in job.records:
+                    part = partition_for(key, self._partitions.get(topic, self._default_partitions))
+                    off = nxt.get((topic, part), 0)
+                    nxt[(topic, part)] = off + 1
+                    rows.append((topic, part, off, key, value, job.at))
+                    stored.append(LogRecord(topic, part, off, key, value))
+                results.append(stored)
+                if isinstance(job, _Commit):
                     conn.execute(
                         "INSERT INTO offsets(grp, topic, part, off) VALUES (?,?,?,?) "
                         "ON CONFLICT(grp, topic, part) DO UPDATE SET off=excluded.off",
@@ -433,7 +438,6 @@ class SqliteLog:
                         conn.executemany("INSERT OR REPLACE INTO state(ns, key, value) VALUES (?,?,?)", puts)
                     if dels:
                         conn.executemany("DELETE FROM state WHERE ns=? AND key=?", dels)
-                    results.append([])
             if rows:
                 conn.executemany(
                     "INSERT INTO records(topic, part, off, key, value, at) VALUES (?,?,?,?,?,?)", rows

@@ -1,8 +1,8 @@
 """The embedded runtime: hosts processors over the SQLite log, one task per (processor, partition).
 
 Per batch: read, step every record through the processor with its key's state, apply the effects, then
-commit the offset and the changed state in one transaction. A crash between the effects and the commit
-redelivers the batch: effects are idempotent and the processor skips what it already applied.
+commit the offset, the changed state and the records the batch emits in one transaction. A crash between
+the effects and the commit redelivers the batch: effects are idempotent and emits are not yet written.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from streams.effects import Effect, EffectSink
+from streams.effects import Effect, EffectSink, Emit
 from streams.log import SqliteLog
 from streams.metrics import PROCESSOR_ERRORS
 from streams.processor import Processor
-from streams.schemas import decode
+from streams.schemas import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,16 @@ class EmbeddedRuntime:
                 states[rec.key] = new
                 dirty.add(rec.key)
                 effects.extend(eff)
+            # Emits go into the log in the commit's own transaction: emitted exactly once, one fsync fewer.
+            emits = [(e.topic, e.key, encode(e.event)) for e in effects if isinstance(e, Emit)]
+            others = [e for e in effects if not isinstance(e, Emit)] if emits else effects
             try:
-                if effects:
-                    await self._sink.apply(effects)
+                if others:
+                    await self._sink.apply(others)
                 state_rows = [
                     (proc.name, k, None if states[k] is None else proc.encode_state(states[k])) for k in dirty
                 ]
-                await self._bus.commit(proc.name, proc.topic, part, records[-1].offset, state_rows)
+                await self._bus.commit(proc.name, proc.topic, part, records[-1].offset, state_rows, emits)
                 self._done[(proc.name, proc.topic, part)] = records[-1].offset
             except asyncio.CancelledError:
                 raise
