@@ -140,8 +140,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "run":
             asyncio.run(_run(cfg))
-        elif args.command in ("gateway", "worker", "api"):
-            raise SystemExit(f"vigil {args.command}: the scaled runtime is not available in this build yet")
+        elif args.command == "gateway":
+            from vigil.scaled import run_gateway
+
+            asyncio.run(run_gateway(cfg))
+        elif args.command == "worker":
+            from vigil.worker import main as run_worker
+
+            run_worker(cfg)
+        elif args.command == "api":
+            raise SystemExit("vigil api: the scaled API node (Redis fan-out and replay) is not built yet")
         elif args.command == "devices":
             asyncio.run(_devices_add(cfg, args))
         elif args.command == "users":

