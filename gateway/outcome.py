@@ -7,7 +7,7 @@ from typing import Protocol
 
 
 class Outcome(enum.Enum):
-    """Each value is a reason code; ACCEPTED and DUPLICATE are success (durably logged, or already seen)."""
+    """Each value is a reason code; only ACCEPTED is success (durably logged; a duplicate is accepted too)."""
 
     ACCEPTED = "accepted"
     MALFORMED = "malformed"  # undecodable JSON/CBOR, or not a map
