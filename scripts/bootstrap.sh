@@ -22,8 +22,10 @@ py="${PYTHON:-python3.11}"; command -v "$py" >/dev/null || py=python3
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  echo "bootstrap: installing Python packages into .venv" >&2
-  .venv/bin/pip install -q -U pip >/dev/null
-  .venv/bin/pip install -q -e '.[scaled,test]'
+  echo "bootstrap: installing Python packages into .venv (log: .venv/install.log)" >&2
+  if ! { .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e '.[scaled,test]'; } >.venv/install.log 2>&1; then
+    tail -n 20 .venv/install.log >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
