@@ -149,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             run_worker(cfg)
         elif args.command == "api":
-            raise SystemExit("vigil api: the scaled API node (Redis fan-out and replay) is not built yet")
+            from vigil.api_node import run_api
+
+            asyncio.run(run_api(cfg))
         elif args.command == "devices":
             asyncio.run(_devices_add(cfg, args))
         elif args.command == "users":

@@ -18,6 +18,12 @@ when the agent body raises. The worker logs it, forgets the partition's cached s
 the same batch until it succeeds. A crash (`kill -9`) between 3 and 5 replays the batch: the state commit
 makes step 1 skip what was applied, and effects are idempotent (vitals by key, dead letters by id). Emits to
 Kafka are at-least-once: a crash after 3 and before 4 sends them again (consumers deduplicate by event id).
+
+With VIGIL_REDIS_URL set, live records (`vigil.live.v1`) ALSO go to Redis, after Kafka took them: each to
+its site's stream, which the API nodes fan out to websockets, and vitals to the patients' latest values
+(`streams/redis_live.py`). Kafka keeps the live topic for any other consumer. The Redis append deduplicates
+by event id, so a replayed batch never shows twice to clients. VIGIL_LIVE_RETENTION_S (default 3600, at
+least 600: the contract's 10-minute replay window) is how long the site streams keep records.
 """
 
 from __future__ import annotations
@@ -47,6 +53,13 @@ from streams.ports import LogRecord, VitalsStore
 from streams.processor import Processor
 from streams.processors.deadletters import DeadLetterSink
 from streams.processors.device import DeviceStage
+from streams.redis_live import (
+    DEFAULT_RETENTION_S,
+    MIN_RETENTION_S,
+    RedisLatest,
+    RedisLiveTee,
+    RedisLiveWriter,
+)
 from streams.schemas import DeadLetter, decode
 from streams.sink import PortEffects
 from streams.vitals.sqlite import SqliteVitalsStore
@@ -60,6 +73,7 @@ BATCH = 1000  # events per take_events batch
 BATCH_WITHIN = 0.05  # seconds take_events waits to fill a batch
 FAIL_BATCHES_ENV = "VIGIL_WORKER_FAIL_BATCHES"  # test hook: the first K effect batches fail
 VITALS_SQLITE_ENV = "VIGIL_VITALS_SQLITE"  # vitals in this SQLite file instead of the configured store
+LIVE_RETENTION_ENV = "VIGIL_LIVE_RETENTION_S"  # how long the Redis site streams keep live records
 EXIT_ABORTED_BATCH = 70  # os._exit code when the worker is cancelled in the middle of a batch
 
 EVENTS = Counter(
@@ -245,6 +259,7 @@ class Services:
     db: Database | None = None
     store: SqlStateStore | None = None
     bus: KafkaBus | None = None
+    redis: Any = None
     vitals: VitalsStore | None = None
     sink: EffectSink | None = None
     _lock: asyncio.Lock | None = None
@@ -278,8 +293,11 @@ class Services:
             async def deadletters(items: Sequence[DeadLetter]) -> None:
                 await add_deadletters(db, items)
 
+            appender: Any = self.bus
+            if s.redis_url:
+                appender = self._redis_tee(s.redis_url, self.bus)
             sink: EffectSink = PortEffects(
-                bus=self.bus, vitals=self.vitals, deadletters=deadletters, clock=self.clock
+                bus=appender, vitals=self.vitals, deadletters=deadletters, clock=self.clock
             )
             failures = int(self.env.get(FAIL_BATCHES_ENV, "0") or 0)
             if failures > 0:
@@ -288,6 +306,15 @@ class Services:
                 )
                 sink = FailingFirst(sink, failures)
             self.sink = sink
+
+    def _redis_tee(self, url: str, bus: KafkaBus) -> RedisLiveTee:
+        from redis.asyncio import Redis  # noqa: PLC0415
+
+        if self.redis is None:
+            self.redis = Redis.from_url(url)
+        retention = max(MIN_RETENTION_S, float(self.env.get(LIVE_RETENTION_ENV) or DEFAULT_RETENTION_S))
+        writer = RedisLiveWriter(self.redis, retention_s=retention)
+        return RedisLiveTee(bus, writer, RedisLatest(self.redis), topics.LIVE)
 
     def the_store(self) -> SqlStateStore:
         assert self.store is not None
