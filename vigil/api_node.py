@@ -18,9 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +36,7 @@ from streams.ports import VitalsStore
 from streams.redis_live import LatestFromRedis, RedisLatest, RedisLiveFeed
 from streams.schemas import AdmissionChange, Event, encode
 from vigil.ports_check import check_free
+from vigil.serve import serve
 from vigil.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -176,19 +175,4 @@ class ApiNode:
 
 async def run_api(settings: Settings) -> None:
     """`vigil api`: start, serve until SIGTERM/SIGINT, stop gracefully."""
-    node = ApiNode(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await node.start()
-    except OSError as exc:
-        await node.stop()
-        raise SystemExit(f"vigil api: cannot start: {exc}") from None
-    except BaseException:
-        await node.stop()
-        raise
-    sys.stderr.write(f"vigil api: ready. http {settings.host}:{settings.http_port}\n")
-    await stop.wait()
-    await node.stop()
+    await serve(ApiNode(settings), "api", f"http {settings.host}:{settings.http_port}")

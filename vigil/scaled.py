@@ -15,9 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +38,7 @@ from streams.clock import Clock, SystemClock
 from streams.kafka import KafkaBus, KafkaSettings, bootstrap_servers, ensure_topics
 from streams.metrics import REGISTRY
 from vigil.ports_check import check_free
+from vigil.serve import serve
 from vigil.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -350,23 +349,9 @@ class ScaledGateway:
 
 async def run_gateway(settings: Settings) -> None:
     """`vigil gateway`: start, serve until SIGTERM/SIGINT, stop gracefully."""
-    gw = ScaledGateway(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await gw.start()
-    except OSError as exc:  # ConnectionError included: Kafka, PostgreSQL or a port
-        await gw.stop()
-        raise SystemExit(f"vigil gateway: cannot start: {exc}") from None
-    except BaseException:
-        await gw.stop()
-        raise
     s = settings
-    sys.stderr.write(
-        f"vigil gateway: ready. http {s.host}:{s.http_port}  coap {s.host}:{s.coap_port}/udp  "
-        f"coaps {s.host}:{s.coaps_port}/udp\n"
+    await serve(
+        ScaledGateway(settings),
+        "gateway",
+        f"http {s.host}:{s.http_port}  coap {s.host}:{s.coap_port}/udp  coaps {s.host}:{s.coaps_port}/udp",
     )
-    await stop.wait()
-    await gw.stop()
