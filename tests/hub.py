@@ -21,8 +21,68 @@ VIGIL = str(Path(sys.executable).with_name("vigil"))
 ADMIN_PASSWORD = "admin-test-pw"
 
 
+def prometheus_sample(text: str, name: str, labels: dict[str, str]) -> float:
+    """The sum of the samples of `name` with exactly these labels in a /metrics text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        sample, _, lbl = key.partition("{")
+        if sample != name:
+            continue
+        got = ",".join(sorted(lbl.rstrip("}").split(","))) if lbl else ""
+        if got == want:
+            total += float(value)
+    return total
+
+
+class HubClient:
+    """What the tests do with any hub, embedded or scaled: operator commands, tokens, API calls, waits."""
+
+    _token: str | None
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        raise NotImplementedError
+
+    def log_tail(self) -> str:
+        raise NotImplementedError
+
+    def add_user(self, name: str, role: str, *extra: str) -> dict[str, Any]:
+        out = self.cli("users", "add", name, "--role", role, *extra)
+        return dict(json.loads(out.stdout))
+
+    def token(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> str:
+        r = httpx.post(f"{self.url}/api/v1/auth/token", json={"username": username, "password": password})
+        r.raise_for_status()
+        return str(r.json()["access_token"])
+
+    def api(self, method: str, path: str, *, token: str | None = None, **kw: Any) -> httpx.Response:
+        if token is None:
+            token = self._token = self._token or self.token()
+        return httpx.request(
+            method, f"{self.url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=10, **kw
+        )
+
+    def wait_for(self, predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> Any:
+        """Poll until `predicate()` is truthy; returns its value or fails with the hub's log tail."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"condition not met in {timeout}s (last: {last!r})\n{self.log_tail()}")
+
+
 @dataclass
-class Hub:
+class Hub(HubClient):
     """One `vigil run` process; `restart()` and `kill9()` keep the same ports and data dir."""
 
     dir: Path
@@ -100,46 +160,9 @@ class Hub:
         out = self.cli("devices", "add", device_id, "--type", type_, *extra)
         return dict(json.loads(out.stdout))
 
-    def add_user(self, name: str, role: str, *extra: str) -> dict[str, Any]:
-        out = self.cli("users", "add", name, "--role", role, *extra)
-        return dict(json.loads(out.stdout))
-
-    def token(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> str:
-        r = httpx.post(f"{self.url}/api/v1/auth/token", json={"username": username, "password": password})
-        r.raise_for_status()
-        return str(r.json()["access_token"])
-
-    def api(self, method: str, path: str, *, token: str | None = None, **kw: Any) -> httpx.Response:
-        if token is None:
-            token = self._token = self._token or self.token()
-        return httpx.request(
-            method, f"{self.url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=10, **kw
-        )
-
-    def wait_for(self, predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> Any:
-        """Poll until `predicate()` is truthy; returns its value or fails with the hub's log tail."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        tail = self.proc.tail() if self.proc else ""
-        raise AssertionError(f"condition not met in {timeout}s (last: {last!r})\n{tail}")
-
     def metric(self, name: str, **labels: str) -> float:
         """The value of one Prometheus sample (0 when absent)."""
-        text = httpx.get(f"{self.url}/metrics").text
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            sample, _, lbl = key.partition("{")
-            if sample != name:
-                continue
-            got = ",".join(sorted(lbl.rstrip("}").split(","))) if lbl else ""
-            if got == want:
-                return float(value)
-        return 0.0
+        return prometheus_sample(httpx.get(f"{self.url}/metrics").text, name, labels)
+
+    def log_tail(self) -> str:
+        return self.proc.tail() if self.proc else ""

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.hub import ADMIN_PASSWORD
+from tests.hub import ADMIN_PASSWORD, HubClient, prometheus_sample
 from vigil.devstack import MQTT_ADMIN, ROLES, DevStack, find_binary
 
 
 @dataclass
-class ScaledHub:
+class ScaledHub(HubClient):
     dir: Path
     env_extra: dict[str, str] = field(default_factory=dict)
     stack: DevStack | None = None
@@ -119,50 +118,16 @@ class ScaledHub:
         roles = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("Roles:")]
         return r.returncode == 0 and bool(roles) and roles[0].split(":", 1)[1].strip() != ""
 
-    def add_user(self, name: str, role: str, *extra: str) -> dict[str, Any]:
-        out = self.cli("users", "add", name, "--role", role, *extra)
-        return dict(json.loads(out.stdout))
-
-    def token(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> str:
-        r = httpx.post(f"{self.url}/api/v1/auth/token", json={"username": username, "password": password})
-        r.raise_for_status()
-        return str(r.json()["access_token"])
-
-    def api(self, method: str, path: str, *, token: str | None = None, **kw: Any) -> httpx.Response:
-        if token is None:
-            token = self._token = self._token or self.token()
-        return httpx.request(
-            method, f"{self.url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=10, **kw
-        )
-
-    def wait_for(self, predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> Any:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        tails = self.stack.tails() if self.stack else ""
-        raise AssertionError(f"condition not met in {timeout}s (last: {last!r})\n{tails}")
+    def log_tail(self) -> str:
+        return self.stack.tails() if self.stack else ""
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of one Prometheus sample over every Vigil process (0 when absent)."""
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         total = 0.0
         for proc in self.vigil_processes():
             try:
                 text = httpx.get(f"{self.s.url(proc)}/metrics", timeout=5).text
             except httpx.HTTPError:
                 continue  # a process that is down counts nothing
-            for line in text.splitlines():
-                if line.startswith("#"):
-                    continue
-                key, _, value = line.rpartition(" ")
-                sample, _, lbl = key.partition("{")
-                if sample != name:
-                    continue
-                got = ",".join(sorted(lbl.rstrip("}").split(","))) if lbl else ""
-                if got == want:
-                    total += float(value)
+            total += prometheus_sample(text, name, labels)
         return total

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.mosquitto_sync import mosquitto_conf
+
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port nobody listens on right now (TCP by default, UDP with SOCK_DGRAM)."""
@@ -127,6 +129,32 @@ class Mosquitto:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+@dataclass
+class DynsecMosquitto(Mosquitto):
+    """Mosquitto with exactly the configuration Vigil ships for an external broker (dynamic security)."""
+
+    dynsec: Path = Path()
+
+    def config(self) -> str:
+        conf = mosquitto_conf(
+            self.port, str(self.dynsec), host="127.0.0.1", persistence_location=f"{self.dir}/"
+        )
+        return conf + "user root\n"  # as root, Mosquitto would drop to a user that cannot write the test dirs
+
+
+def dynsec_mosquitto(tmp: Path, admin: str, password: str) -> DynsecMosquitto:
+    """A broker in `tmp/mosquitto` whose dynsec file (in `tmp`) knows `admin`; not started yet."""
+    dynsec = tmp / "dynsec.json"
+    subprocess.run(
+        [require("mosquitto_ctrl"), "dynsec", "init", str(dynsec), admin, password],
+        check=True,
+        capture_output=True,
+    )
+    broker = DynsecMosquitto(tmp / "mosquitto", dynsec=dynsec)
+    broker.dir.mkdir(parents=True, exist_ok=True)
+    return broker
 
 
 @contextlib.contextmanager

@@ -11,31 +11,16 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.mosquitto_sync import mosquitto_conf
 from tests.hub import Hub
-from tests.servers import Mosquitto, require
+from tests.servers import DynsecMosquitto, Mosquitto, dynsec_mosquitto, require
 
 pytestmark = pytest.mark.integration
 
 ADMIN, ADMIN_PW = "vigil-admin", "admin-pw-1"
-
-
-@dataclass
-class DynsecMosquitto(Mosquitto):
-    """Mosquitto with exactly the configuration Vigil ships (plus `user root`: the test's dirs are root's)."""
-
-    dynsec: Path = Path()
-
-    def config(self) -> str:
-        conf = mosquitto_conf(
-            self.port, str(self.dynsec), host="127.0.0.1", persistence_location=f"{self.dir}/"
-        )
-        return conf + "user root\n"
 
 
 @dataclass
@@ -47,14 +32,7 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("hub-mosquitto")
-    dynsec = tmp / "dynsec.json"
-    subprocess.run(
-        [require("mosquitto_ctrl"), "dynsec", "init", str(dynsec), ADMIN, ADMIN_PW],
-        check=True,
-        capture_output=True,
-    )
-    broker = DynsecMosquitto(tmp / "mosquitto", dynsec=dynsec)
-    broker.dir.mkdir()
+    broker = dynsec_mosquitto(tmp, ADMIN, ADMIN_PW)
     broker.start()
     hub = Hub(tmp / "hub", env_extra={"VIGIL_MQTT_URL": f"mqtt://{ADMIN}:{ADMIN_PW}@127.0.0.1:{broker.port}"})
     try:

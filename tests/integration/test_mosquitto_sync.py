@@ -15,23 +15,11 @@ import pytest
 
 from gateway.mosquitto_sync import HUB_ROLE, MosquittoSync, mosquitto_conf
 from tests.integration.test_broker import codes
-from tests.servers import Mosquitto, require
+from tests.servers import DynsecMosquitto, require
 
 pytestmark = pytest.mark.integration
 
 ADMIN, ADMIN_PW = "vigil-hub", "hub-pw-1"
-
-
-@dataclass
-class DynsecMosquitto(Mosquitto):
-    """A Mosquitto configured with exactly the snippet Vigil ships for an external broker."""
-
-    dynsec: Path = Path()
-
-    def config(self) -> str:
-        return mosquitto_conf(
-            self.port, str(self.dynsec), host="127.0.0.1", persistence_location=f"{self.dir}/"
-        )
 
 
 class Registry:

@@ -25,8 +25,7 @@ import websockets
 from cryptography.fernet import Fernet
 from websockets.asyncio.client import ClientConnection
 
-from gateway.mosquitto_sync import mosquitto_conf
-from tests.servers import Mosquitto, Proc, free_port, require
+from tests.servers import DynsecMosquitto, Proc, dynsec_mosquitto, free_port, require
 from tests.servers_kafka import tansu
 from tests.servers_pg import postgres
 from tests.servers_redis import RedisServer, redis_server
@@ -38,17 +37,6 @@ VIGIL = str(Path(sys.executable).with_name("vigil"))
 ADMIN, ADMIN_PW = "vigil-admin", "admin-pw-1"
 NURSE, NURSE_PW = "api-nurse", "nurse-pw-1"
 Msg = dict[str, Any]
-
-
-@dataclass
-class DynsecMosquitto(Mosquitto):
-    dynsec: Path = Path()
-
-    def config(self) -> str:
-        conf = mosquitto_conf(
-            self.port, str(self.dynsec), host="127.0.0.1", persistence_location=f"{self.dir}/"
-        )
-        return conf + "user root\n"
 
 
 @dataclass
@@ -94,14 +82,7 @@ def wait_ready(chain: Chain, name: str, path: str, timeout: float) -> None:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     tmp = tmp_path_factory.mktemp("scaled-api")
-    dynsec = tmp / "dynsec.json"
-    subprocess.run(
-        [require("mosquitto_ctrl"), "dynsec", "init", str(dynsec), ADMIN, ADMIN_PW],
-        check=True,
-        capture_output=True,
-    )
-    broker = DynsecMosquitto(tmp / "mosquitto", dynsec=dynsec)
-    broker.dir.mkdir()
+    broker = dynsec_mosquitto(tmp, ADMIN, ADMIN_PW)
     procs: dict[str, Proc] = {}
     with postgres() as pg, tansu(tmp / "tansu") as kafka, redis_server(tmp / "redis") as redis:
         broker.start()

@@ -24,10 +24,9 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
-from gateway.mosquitto_sync import mosquitto_conf
 from streams import topics
 from streams.schemas import DeadLetter, Observations, decode
-from tests.servers import Mosquitto, Proc, free_port, require, wait_port
+from tests.servers import DynsecMosquitto, Proc, dynsec_mosquitto, free_port, require, wait_port
 from tests.servers_kafka import Tansu, consume, tansu
 from tests.servers_pg import postgres
 
@@ -35,19 +34,6 @@ pytestmark = pytest.mark.integration
 
 VIGIL = str(Path(sys.executable).with_name("vigil"))
 ADMIN, ADMIN_PW = "vigil-admin", "admin-pw-1"
-
-
-@dataclass
-class DynsecMosquitto(Mosquitto):
-    """Mosquitto with exactly the configuration Vigil ships (plus `user root`: the test's dirs are root's)."""
-
-    dynsec: Path = Path()
-
-    def config(self) -> str:
-        conf = mosquitto_conf(
-            self.port, str(self.dynsec), host="127.0.0.1", persistence_location=f"{self.dir}/"
-        )
-        return conf + "user root\n"
 
 
 @dataclass
@@ -146,14 +132,7 @@ def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("scaled-gateway")
-    dynsec = tmp / "dynsec.json"
-    subprocess.run(
-        [require("mosquitto_ctrl"), "dynsec", "init", str(dynsec), ADMIN, ADMIN_PW],
-        check=True,
-        capture_output=True,
-    )
-    broker = DynsecMosquitto(tmp / "mosquitto", dynsec=dynsec)
-    broker.dir.mkdir()
+    broker = dynsec_mosquitto(tmp, ADMIN, ADMIN_PW)
     with postgres() as pg, tansu(tmp / "tansu") as kafka:
         broker.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}
