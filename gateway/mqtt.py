@@ -22,6 +22,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.ingest import Ingestor, Offer
 from gateway.outcome import Outcome
+from streams.metrics import MQTT_HELD
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class MqttGateway:
                 offers.append(Offer("mqtt", parsed[0], parsed[1], bytes(payload)))
                 placed.append(i)
             if offers:
-                for i, outcome in zip(placed, await self._ingest.submit_many(offers), strict=True):
+                for i, outcome in zip(placed, await self._submit_holding(offers), strict=True):
                     outcomes[i] = outcome
             for m, outcome in zip(batch, outcomes, strict=True):
                 if outcome is Outcome.UNAVAILABLE or m.qos == 0:
@@ -162,6 +163,29 @@ class MqttGateway:
                     paho_client.ack(m.mid, m.qos)
         finally:
             inflight.release()
+
+    async def _submit_holding(self, offers: Sequence[Offer]) -> list[Outcome]:
+        """Submit; while the log or bus cannot take them, keep the messages and retry, PUBACK withheld.
+
+        Leaving them unacknowledged in the broker's session instead would fill its in-flight window
+        (ReceiveMaximum / max_inflight_messages) and stop all delivery to this gateway even after the bus
+        came back. Retrying delays data and loses none: if the process dies meanwhile, the broker still
+        holds every message and redelivers it on the session's next connection.
+        """
+        delay = 0.2
+        held = False
+        while True:
+            outcomes = await self._ingest.submit_many(offers)
+            if Outcome.UNAVAILABLE not in outcomes:
+                if held:
+                    log.info("bus is back: %d held MQTT messages made durable", len(offers))
+                return outcomes
+            if not held:
+                held = True
+                MQTT_HELD.inc(len(offers))
+                log.warning("bus unavailable: holding %d MQTT messages (no PUBACK) and retrying", len(offers))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def _session_properties() -> Properties:

@@ -43,6 +43,11 @@ PROCESSOR_ERRORS = Counter(
 VITALS_BACKLOG = Gauge(
     "vigil_vitals_backlog", "Vitals points buffered on disk for the store", registry=REGISTRY
 )
+MQTT_HELD = Counter(
+    "vigil_gateway_held_total",
+    "MQTT messages whose PUBACK was withheld while the log or bus could not take them (retried)",
+    registry=REGISTRY,
+)
 BROKER_DROPS = Counter(
     "vigil_broker_dropped_total",
     "Messages the MQTT broker reports it dropped for Vigil's session",

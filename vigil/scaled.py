@@ -16,20 +16,19 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.coap import CoapGateway
-from gateway.ingest import Ingestor, Offer
+from gateway.ingest import Ingestor
 from gateway.mosquitto_sync import MosquittoSync
 from gateway.mqtt import TOPIC_FILTER, MqttGateway, MqttSettings
-from gateway.outcome import Outcome
 from gateway.registry import Registry
 from records.crypto import KEY_ENV, KEY_FILE, SecretCipher
 from records.db import Database
@@ -46,11 +45,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SHARED_GROUP = "vigil"
 GATEWAY_TOPICS = (topics.INGEST, topics.DEADLETTERS)  # what a gateway writes
 
-HELD_TOTAL = Counter(
-    "vigil_gateway_held_total",
-    "MQTT messages whose PUBACK was withheld because the bus could not take them (retried until it can)",
-    registry=REGISTRY,
-)
 
 Check = Callable[[], Awaitable[bool]]
 
@@ -60,43 +54,6 @@ def _env_flag(name: str, default: bool) -> bool:
     if raw is None or raw == "":
         return default
     return raw.lower() not in ("0", "false", "no", "off")
-
-
-class HoldingIngestor(Ingestor):
-    """The MQTT side's ingestor: while the bus is down it keeps the messages and retries, PUBACK withheld.
-
-    Without it an UNAVAILABLE message would sit unacknowledged in the broker's session until the gateway
-    reconnects, and once the broker's in-flight window (ReceiveMaximum) filled up with such messages it would
-    stop delivering to this gateway even after Kafka came back. Retrying here delays data and loses none:
-    if the process dies meanwhile, the broker still holds every message (none was acknowledged) and
-    redelivers it on the session's next connection. CoAP keeps the plain Ingestor: it answers 5.03 at once
-    and the device retries.
-    """
-
-    def __init__(self, *args: Any, ready: Check | None = None, max_backoff: float = 2.0, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._ready = ready
-        self._max_backoff = max_backoff
-
-    async def submit_many(self, offers: Sequence[Offer]) -> list[Outcome]:
-        delay = 0.2
-        held = False
-        while True:
-            outcomes = await super().submit_many(offers)
-            if not any(o is Outcome.UNAVAILABLE for o in outcomes):
-                if held:
-                    log.info("bus is back: %d held MQTT messages made durable", len(offers))
-                return outcomes
-            if not held:
-                held = True
-                HELD_TOTAL.inc(len(offers))
-                log.warning("bus unavailable: holding %d MQTT messages (no PUBACK) and retrying", len(offers))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._max_backoff)
-            if self._ready is not None:
-                while not await _safe(self._ready):
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._max_backoff)
 
 
 async def _safe(check: Check) -> bool:
@@ -219,13 +176,12 @@ class ScaledGateway:
             except Exception:  # e.g. not allowed to create topics: /readyz names kafka while any is missing
                 log.exception("could not create Vigil's Kafka topics")
         self.ingest = Ingestor(self.bus, self.registry, self.clock)
-        mqtt_ingest = HoldingIngestor(self.bus, self.registry, self.clock, ready=self.bus.ready)
 
         u = s.mqtt_url
         if u.username and u.password and s.mqtt_dynsec:
             await self._start_dynsec_sync(u.host, u.port, u.username, u.password)
         self.mqtt = MqttGateway(
-            mqtt_ingest,
+            self.ingest,
             MqttSettings(
                 host=u.host,
                 port=u.port,
