@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from streams.ports import VitalPoint
-from streams.schemas import DeadLetter, Event
+from streams.schemas import Alert, AlertPage, DeadLetter, Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +42,51 @@ class Count:
     value: float = 1.0
 
 
-Effect = WriteVitals | Emit | RecordDeadLetters | Count
+@dataclass(frozen=True, slots=True)
+class AlertVersion:
+    """One new version of an alert and the audited transition that made it (`from_status` None: raised)."""
+
+    alert: Alert
+    from_status: str | None
+    reason: str
+    by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAlerts:
+    """Keep alert versions and their transitions (audit); idempotent by (alert id, version)."""
+
+    items: tuple[AlertVersion, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPages:
+    """Keep escalation steps (pages and skipped levels, audited); idempotent by `AlertPage.key`."""
+
+    items: tuple[AlertPage, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordNews2:
+    """The latest NEWS2 of a patient (the snapshot's `news2`); a newer `at` replaces an older one."""
+
+    patient_id: str
+    site_id: str
+    at: int
+    result: dict[str, Any]
+
+
+Effect = WriteVitals | Emit | RecordDeadLetters | Count | RecordAlerts | RecordPages | RecordNews2
+
+
+class AlertRecords(Protocol):
+    """Where the clinical stage's records go (the records database); every write is idempotent."""
+
+    async def record_alerts(self, items: Sequence[AlertVersion]) -> None: ...
+
+    async def record_pages(self, items: Sequence[AlertPage]) -> None: ...
+
+    async def record_news2(self, items: Sequence[RecordNews2]) -> None: ...
 
 
 class EffectSink(Protocol):

@@ -24,10 +24,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import murmur2
 from prometheus_client import Counter
 
 from streams import topics
 from streams.metrics import REGISTRY
+from streams.topics import tick_partition
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,14 @@ def quiet_aiokafka(every: float = 30.0) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Throttle) for f in logger.filters):
             logger.addFilter(_Throttle(every))
+
+
+def kafka_partition(key: str, partitions: int) -> int:
+    """The partition aiokafka's default partitioner picks for `key` (murmur2, as the Java client)."""
+    tick = tick_partition(key)
+    if tick is not None:
+        return tick % partitions
+    return (int(murmur2(key.encode())) & 0x7FFFFFFF) % partitions
 
 
 def bootstrap_servers(url: str) -> list[str]:
@@ -191,7 +201,8 @@ class KafkaBus:
         try:
             async with asyncio.timeout(self._s.delivery_timeout):
                 for topic, key, value in records:
-                    futures.append(await producer.send(topic, value=value, key=key.encode()))
+                    tick = tick_partition(key) if key[:1] == "~" else None
+                    futures.append(await producer.send(topic, value=value, key=key.encode(), partition=tick))
                 results = await asyncio.gather(*futures, return_exceptions=True)
         except BaseException:
             APPEND_FAILURES.inc()

@@ -22,6 +22,7 @@ from typing import Any
 
 from streams.clock import Clock, SystemClock
 from streams.ports import LogRecord
+from streams.topics import tick_partition
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,11 @@ class _Commit:
 
 
 def partition_for(key: str, partitions: int) -> int:
-    """Stable across processes and restarts (unlike `hash`)."""
+    """Stable across processes and restarts (unlike `hash`); a tick key names its partition."""
+    if key[:1] == "~":
+        tick = tick_partition(key)
+        if tick is not None:
+            return tick % partitions
     return zlib.crc32(key.encode()) % partitions
 
 

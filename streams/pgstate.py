@@ -55,6 +55,14 @@ class SqlStateStore:
                 out.update((k, bytes(v)) for k, v in rows.all())
         return out
 
+    async def load_all(self, namespace: str) -> dict[str, bytes]:
+        """Every stored state of a namespace (a timed processor rebuilds its due index from them)."""
+        async with self._db.session(read_only=True) as s:
+            rows = await s.execute(
+                select(ProcessorState.key, ProcessorState.value).where(ProcessorState.namespace == namespace)
+            )
+            return {k: bytes(v) for k, v in rows.all()}
+
     async def applied(self, group: str, topic: str, partition: int) -> int:
         """The last applied offset of the partition for `group`; -1 when nothing was applied yet."""
         async with self._db.session(read_only=True) as s:

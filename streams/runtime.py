@@ -18,6 +18,7 @@ from streams.log import SqliteLog
 from streams.metrics import PROCESSOR_ERRORS
 from streams.processor import Processor
 from streams.schemas import decode, encode
+from streams.timers import DueIndex, TimedProcessor, build_index, step_one
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,23 @@ class EmbeddedRuntime:
                     return False
         return True
 
+    async def _load_index(self, proc: Processor[Any], part: int, states: dict[str, Any]) -> DueIndex | None:
+        if not isinstance(proc, TimedProcessor):
+            return None
+        rows = await self._bus.load_all_state(proc.name)
+        mine = [(k, v) for k, v in rows.items() if self._bus.partition_of(proc.topic, k) == part]
+        return build_index(proc, states, mine)
+
     async def _run(self, proc: Processor[Any], part: int) -> None:
         states: dict[str, Any] = {}
         delay = self._retry_initial
+        dues: DueIndex | None = None
+        while self._running and dues is None and isinstance(proc, TimedProcessor):
+            try:
+                dues = await self._load_index(proc, part, states)
+            except Exception:
+                log.exception("processor %s partition %d: loading timers failed; retrying", proc.name, part)
+                await asyncio.sleep(delay)
         while self._running:
             records = await self._bus.read(proc.name, proc.topic, part, max_records=self._batch, timeout=0.5)
             if not records:
@@ -120,10 +135,7 @@ class EmbeddedRuntime:
                     log.exception("undecodable record %s/%d@%d skipped", rec.topic, rec.partition, rec.offset)
                     PROCESSOR_ERRORS.labels(proc.name).inc()
                     continue
-                new, eff = proc.step(states.get(rec.key), event)
-                states[rec.key] = new
-                dirty.add(rec.key)
-                effects.extend(eff)
+                step_one(proc, states, dues, rec.key, event, dirty, effects)
             # Emits go into the log in the commit's own transaction: emitted exactly once, one fsync fewer.
             emits = [(e.topic, e.key, encode(e.event)) for e in effects if isinstance(e, Emit)]
             others = [e for e in effects if not isinstance(e, Emit)] if emits else effects
@@ -145,6 +157,14 @@ class EmbeddedRuntime:
                 self.healthy = False
                 for k in dirty:
                     states.pop(k, None)
+                if dues is not None:  # the forgotten keys' timers come back with their stored state
+                    states.clear()
+                    dues = None
+                    while dues is None:
+                        try:
+                            dues = await self._load_index(proc, part, states)
+                        except Exception:
+                            await asyncio.sleep(delay)
                 self._bus.seek(proc.name, proc.topic, part, records[0].offset)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._retry_max)

@@ -39,6 +39,7 @@ class Meta:
     patient_id: str | None = None  # attribution at received time; never rewritten
     boot: str | None = None
     seq: int | None = None
+    device_type: str | None = None  # monitor, pump, ...: its liveness timeout; None for manual entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +167,91 @@ class Alert:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertCommand:
+    """A clinician's action on an alert (REST or websocket), sent to the alert's clinical key.
+
+    `id` makes it idempotent: a redelivered command is applied once.
+    """
+
+    SCHEMA: ClassVar[str] = "alert_cmd"
+    VERSION: ClassVar[int] = 1
+    id: str
+    alert_id: str
+    action: str  # ack, silence, resolve
+    by: str  # username
+    at: int  # ms, the API node's clock when the clinician acted
+    site_id: str
+    duration_ms: int | None = None  # silence only; capped at 2 minutes by the lifecycle
+    read_back: str | None = None  # a critical result's acknowledgement repeats its value
+
+
+@dataclass(frozen=True, slots=True)
+class PatientSettings:
+    """A patient's NEWS2 settings and limit overrides, as now in force (each field None: unchanged).
+
+    `overrides` is the whole current set (each as `alerting.rules.PatientOverride` fields), so a
+    redelivered or reordered message cannot resurrect a removed override.
+    """
+
+    SCHEMA: ClassVar[str] = "patient_settings"
+    VERSION: ClassVar[int] = 1
+    id: str
+    at: int
+    site_id: str
+    patient_id: str
+    news2_scale: int | None = None
+    news2_suppressed: bool | None = None
+    overrides: tuple[dict[str, Any], ...] | None = None
+    by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLiveness:
+    """A device went silent past its type's timeout, or spoke again: judged on the gateway's received time."""
+
+    SCHEMA: ClassVar[str] = "liveness"
+    VERSION: ClassVar[int] = 1
+    id: str  # "{device}/offline/{last_received_at}" (and ".../online/..." for the return)
+    device_id: str
+    device_type: str | None
+    online: bool
+    at: int  # the tick (offline) or the message (online) that decided it
+    last_received_at: int
+    site_id: str
+    unit_id: str | None = None
+    bed_id: str | None = None
+    patient_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertPage:
+    """An escalation step: who is paged about an alert (none: the level was skipped, with `skipped`).
+
+    Idempotent by `key` = "{alert_id}/{step}"; clients are pushed it once per key.
+    """
+
+    SCHEMA: ClassVar[str] = "page"
+    VERSION: ClassVar[int] = 1
+    alert_id: str
+    alert_version: int
+    step: int
+    level: int
+    recipients: tuple[str, ...]
+    at: int
+    site_id: str
+    unit_id: str | None
+    patient_id: str | None
+    bed_id: str | None
+    condition: str
+    priority: str
+    skipped: str | None = None  # no_assignee, empty_role, empty_group, not_connected
+
+    @property
+    def key(self) -> str:
+        return f"{self.alert_id}/{self.step}"
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A message or item that could not be accepted, with the reason code the contract names."""
 
@@ -230,6 +316,10 @@ Event = (
     | DeadLetter
     | AdmissionChange
     | LiveUpdate
+    | AlertCommand
+    | PatientSettings
+    | DeviceLiveness
+    | AlertPage
 )
 
 _TYPES: dict[str, type[Any]] = {
@@ -247,9 +337,13 @@ _TYPES: dict[str, type[Any]] = {
         DeadLetter,
         AdmissionChange,
         LiveUpdate,
+        AlertCommand,
+        PatientSettings,
+        DeviceLiveness,
+        AlertPage,
     )
 }
-_TUPLE_FIELDS = {"items", "results", "conditions", "alarms", "flags"}
+_TUPLE_FIELDS = {"items", "results", "conditions", "alarms", "flags", "recipients", "overrides"}
 
 
 _HEADERS: dict[type[Any], bytes] = {
@@ -283,7 +377,8 @@ _CONVERT: dict[str, Any] = {
     "meta": lambda v: Meta(**v),
     "items": _items,
     "results": lambda v: tuple(LabResult(**r) for r in v),
-    **{name: tuple for name in _TUPLE_FIELDS - {"items", "results"}},
+    **{name: tuple for name in _TUPLE_FIELDS - {"items", "results", "overrides"}},
+    "overrides": lambda v: None if v is None else tuple(v),
 }
 
 

@@ -13,7 +13,27 @@ LIVE = (
 #                          is the websocket cursor; kept by time (at least the 10-minute replay window)
 
 PARTITIONS: dict[str, int] = {INGEST: 4, CLINICAL: 4, DISPATCH: 1, DEADLETTERS: 1, ADMISSIONS: 1, LIVE: 1}
-TIME_RETAINED = (LIVE,)  # pruned by age alone: no consumer group commits them
+TIME_RETAINED = (LIVE,)
+
+# Timers (offline detection, escalation, silence expiry, re-announcement) run on `Tick` records that the
+# gateway side appends to every partition of these topics each second, in line with the events: a tick at
+# T comes after what was received before T, so a worker catching up on a backlog never sees a false timeout.
+TICKED = (INGEST, CLINICAL)
+TICK_INTERVAL_MS = 1_000
+_TICK_PREFIX = "~tick/"  # not a device, patient or site key: those never start with "~"
+
+
+def tick_key(partition: int) -> str:
+    """The key that routes a `Tick` to one partition (both buses honour it instead of hashing)."""
+    return f"{_TICK_PREFIX}{partition}"
+
+
+def tick_partition(key: str) -> int | None:
+    """The partition a tick key names, else None (an ordinary key)."""
+    if not key.startswith(_TICK_PREFIX):
+        return None
+    tail = key[len(_TICK_PREFIX) :]
+    return int(tail) if tail.isdigit() else None  # pruned by age alone: no consumer group commits them
 
 
 def clinical_key(patient_id: str | None, bed_id: str | None, device_id: str) -> str:

@@ -390,7 +390,7 @@ def _meta(ctx: _Ctx, body: dict[Any, Any], patient_id: str | None) -> tuple[Meta
         event_id = f"{dev.id}/{ctx.kind}/rx/{ctx.received_at}/{zlib.crc32(ctx.payload):08x}"
     meta = Meta(
         event_id, dev.id, ctx.kind, ctx.transport, ts, ctx.received_at, dev.site_id,
-        dev.unit_id, dev.bed_id, patient_id, boot, seq,
+        dev.unit_id, dev.bed_id, patient_id, boot, seq, dev.type,
     )  # fmt: skip
     return meta, future
 

@@ -37,6 +37,7 @@ from streams.processors.device import DeviceStage
 from streams.runtime import EmbeddedRuntime
 from streams.schemas import AdmissionChange, DeadLetter, Event, encode
 from streams.sink import PortEffects
+from streams.timers import Ticker
 from streams.vitals.buffer import BufferedVitalsStore
 from streams.vitals.influx import InfluxVitalsStore
 from streams.vitals.sqlite import SqliteVitalsStore
@@ -81,6 +82,7 @@ class EmbeddedHub:
     _broker: EmbeddedBroker | None = field(init=False, default=None)
     _coap: CoapGateway | None = field(init=False, default=None)
     _server: uvicorn.Server | None = field(init=False, default=None)
+    _ticker: Ticker | None = field(init=False, default=None)
     _tasks: list[asyncio.Task[Any]] = field(init=False, default_factory=list)
     _background: set[asyncio.Task[Any]] = field(init=False, default_factory=set)
 
@@ -118,6 +120,8 @@ class EmbeddedHub:
         )
         self.runtime = EmbeddedRuntime(self.log, sink, [DeviceStage(), DeadLetterSink()])
         await self.runtime.start()
+        self._ticker = Ticker(self.log.append, self.log.partitions, self.clock)
+        self._ticker.start()
         runtime = self.runtime
         self.ingest = Ingestor(
             self.log,
@@ -207,6 +211,8 @@ class EmbeddedHub:
             if part is not None:
                 with contextlib.suppress(Exception):
                     await part.stop()
+        if self._ticker is not None:
+            await self._ticker.stop()
         await self.runtime.stop()
         await self.vitals.close()
         await self.log.close()

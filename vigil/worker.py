@@ -46,7 +46,7 @@ from records.deadletters import add_deadletters
 from streams import topics
 from streams.clock import Clock, SystemClock
 from streams.effects import Effect, EffectSink
-from streams.kafka import KafkaBus, KafkaSettings, bootstrap_servers, ensure_topics
+from streams.kafka import KafkaBus, KafkaSettings, bootstrap_servers, ensure_topics, kafka_partition
 from streams.metrics import PROCESSOR_ERRORS, REGISTRY
 from streams.pgstate import SqlStateStore
 from streams.ports import LogRecord, VitalsStore
@@ -62,6 +62,7 @@ from streams.redis_live import (
 )
 from streams.schemas import DeadLetter, decode
 from streams.sink import PortEffects
+from streams.timers import DueIndex, TimedProcessor, build_index, step_one
 from streams.vitals.sqlite import SqliteVitalsStore
 from vigil.ports_check import check_free
 from vigil.settings import Settings
@@ -108,6 +109,10 @@ BATCHES = Counter(
 # ------------------------------------------------------------------------------------------ the core
 
 
+def partition_count(topic: str) -> int:
+    return topics.PARTITIONS.get(topic, 1)
+
+
 class BatchRunner:
     """Applies one partition's batch of one processor, retrying until it is durable (module docstring).
 
@@ -132,12 +137,14 @@ class BatchRunner:
         self._retry_max = retry_max
         self._states: dict[tuple[str, int], dict[str, Any]] = {}
         self._applied: dict[tuple[str, int], int] = {}
+        self._dues: dict[tuple[str, int], DueIndex | None] = {}
         self.healthy = True
 
     def invalidate(self, topic: str, partition: int) -> None:
         """Forget what is cached of a partition (assigned or revoked: another worker may have moved it)."""
         self._states.pop((topic, partition), None)
         self._applied.pop((topic, partition), None)
+        self._dues.pop((topic, partition), None)
 
     async def run(self, topic: str, partition: int, records: Sequence[LogRecord]) -> None:
         """Returns only once the batch is applied and committed (or was applied before)."""
@@ -178,13 +185,24 @@ class BatchRunner:
         if not fresh:
             return
         cache = self._states.setdefault(tp, {})
+        if tp not in self._dues:  # a timed processor steps ticks through every due key of the partition
+            mine: list[tuple[str, bytes]] = []
+            if isinstance(proc, TimedProcessor):
+                stored = await store.load_all(name)
+                mine = [
+                    (k, v)
+                    for k, v in stored.items()
+                    if kafka_partition(k, partition_count(topic)) == partition
+                ]
+            self._dues[tp] = build_index(proc, cache, mine)
+        dues = self._dues[tp]
         missing = sorted({r.key for r in fresh if r.key not in cache})
         if missing:
             loaded = await store.load(name, missing)
             for k in missing:
                 raw = loaded.get(k)
                 cache[k] = None if raw is None else proc.decode_state(raw)
-        before = {r.key: cache[r.key] is not None for r in fresh}  # had a stored row
+        before = {r.key: cache[r.key] is not None for r in fresh}  # had a stored row (ticked keys: always)
         effects: list[Effect] = []
         dirty: set[str] = set()
         for rec in fresh:
@@ -195,23 +213,20 @@ class BatchRunner:
                 UNDECODABLE.labels(name).inc()
                 continue
             try:
-                new, eff = proc.step(cache[rec.key], event)
+                step_one(proc, cache, dues, rec.key, event, dirty, effects)
             except Exception:
                 log.exception(
                     "processor %s raised on %s/%d@%d; event skipped", name, topic, partition, rec.offset
                 )
                 STEP_ERRORS.labels(name).inc()
                 continue
-            cache[rec.key] = new
-            dirty.add(rec.key)
-            effects.extend(eff)
         EVENTS.labels(name).inc(len(fresh))
         if effects:
             await self._sink().apply(effects)
         rows = [
             (name, k, None if cache[k] is None else proc.encode_state(cache[k]))
             for k in sorted(dirty)
-            if cache[k] is not None or before[k]  # a stateless processor writes no rows at all
+            if cache[k] is not None or before.get(k, True)  # a stateless processor writes no rows at all
         ]
         last = records[-1].offset
         await store.commit(name, topic, partition, last, rows)

@@ -1,4 +1,9 @@
-"""Stage one, keyed by device: deduplication, late data, liveness, then vitals and the clinical stage."""
+"""Stage one, keyed by device: deduplication, late data, liveness, then vitals and the clinical stage.
+
+Liveness: a device that sends nothing for its type's timeout (`OFFLINE_AFTER_MS`, judged on the gateway's
+received time through ticks) is reported offline to the clinical stage once, and online again with its
+next message. Ticks arrive every second, so a silence is reported at most a second after its timeout.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from streams.ports import VitalPoint
 from streams.schemas import (
     FLAG_LATE,
     CrewMessage,
+    DeviceLiveness,
     DeviceStatus,
     Event,
     GpsFix,
@@ -22,10 +28,20 @@ from streams.schemas import (
     Observations,
     PumpStatus,
     Sos,
+    Tick,
 )
 
 DEDUP_WINDOW_MS = 10 * 60_000  # the contract keeps dedup keys at least 10 minutes
 ACVPU_SCORE = {"A": 0.0, "C": 1.0, "V": 2.0, "P": 3.0, "U": 4.0}
+# Silence after which a device is offline, per type: several of its periodic messages missed (monitors send
+# obs every second, pumps every 10 s, ambulances GPS every 2 s, pendants and analyzers status every 60 s).
+OFFLINE_AFTER_MS: dict[str, int] = {
+    "monitor": 10_000,
+    "pump": 35_000,
+    "ambulance": 15_000,
+    "pendant": 190_000,
+    "analyzer": 190_000,
+}
 
 
 @dataclass(slots=True)
@@ -36,6 +52,10 @@ class DeviceState:
     high_seq: dict[str, int] = field(default_factory=dict)  # "kind/boot" -> highest seq seen
     last_received_at: int = 0
     oldest_seen: int = 0  # lower bound of `seen`'s received_at, so pruning is skipped when nothing is old
+    offline: bool = False
+    device_id: str = ""
+    # Where the device last reported from (type, site, unit, bed, patient): whom its silence concerns.
+    where: tuple[str | None, str, str | None, str | None, str | None] | None = None
 
 
 class DeviceStage:
@@ -44,9 +64,17 @@ class DeviceStage:
     name = "device"
     topic = topics.INGEST
 
+    def due(self, state: DeviceState) -> int | None:
+        if state.offline or state.where is None or not state.last_received_at:
+            return None
+        timeout = OFFLINE_AFTER_MS.get(state.where[0] or "")
+        return None if timeout is None else state.last_received_at + timeout
+
     def step(self, state: DeviceState | None, event: Event) -> tuple[DeviceState | None, Sequence[Effect]]:
+        if isinstance(event, Tick):
+            return self._tick(state, event.at)
         meta: Meta | None = getattr(event, "meta", None)
-        if meta is None:  # ticks and foreign records carry no device envelope
+        if meta is None:  # foreign records carry no device envelope
             return state, ()
         st = state if state is not None else DeviceState()
         rx = meta.received_at
@@ -54,6 +82,13 @@ class DeviceStage:
             return st, (Count("vigil_duplicates_total"),)
         self._remember(st, meta)
         effects: list[Effect] = []
+        if meta.transport != "api":  # a manual entry says nothing of the device's link
+            if st.offline and rx >= st.last_received_at:
+                st.offline = False
+                effects.append(self._liveness(st, meta.device_id, online=True, at=rx))
+            if rx >= st.last_received_at:
+                st.where = (meta.device_type, meta.site_id, meta.unit_id, meta.bed_id, meta.patient_id)
+                st.device_id = meta.device_id
         late = False
         if meta.seq is not None:
             slot = f"{meta.kind}/{meta.boot or '-'}"
@@ -83,6 +118,35 @@ class DeviceStage:
             )
         return st, effects
 
+    def _tick(self, state: DeviceState | None, at: int) -> tuple[DeviceState | None, Sequence[Effect]]:
+        if state is None:
+            return state, ()
+        due = self.due(state)
+        if due is None or at < due:
+            return state, ()
+        state.offline = True
+        device_id = state.device_id
+        return state, (self._liveness(state, device_id, online=False, at=at),)
+
+    @staticmethod
+    def _liveness(st: DeviceState, device_id: str, *, online: bool, at: int) -> Emit:
+        assert st.where is not None
+        dtype, site, unit, bed, patient = st.where
+        word = "online" if online else "offline"
+        event = DeviceLiveness(
+            id=f"{device_id}/{word}/{st.last_received_at}",
+            device_id=device_id,
+            device_type=dtype,
+            online=online,
+            at=at,
+            last_received_at=st.last_received_at,
+            site_id=site,
+            unit_id=unit,
+            bed_id=bed,
+            patient_id=patient,
+        )
+        return Emit(topics.CLINICAL, topics.clinical_key(patient, bed, device_id), event)
+
     @staticmethod
     def _remember(st: DeviceState, meta: Meta) -> None:
         rx = meta.received_at
@@ -95,13 +159,28 @@ class DeviceStage:
             st.oldest_seen = min(st.seen.values(), default=rx)
 
     def encode_state(self, state: DeviceState) -> bytes:
-        return orjson.dumps(
-            {"s": state.seen, "h": state.high_seq, "r": state.last_received_at, "o": state.oldest_seen}
-        )
+        body: dict[str, Any] = {
+            "s": state.seen, "h": state.high_seq, "r": state.last_received_at, "o": state.oldest_seen,
+        }  # fmt: skip
+        if state.where is not None:
+            body["w"] = state.where
+            body["d"] = state.device_id
+        if state.offline:
+            body["x"] = True
+        return orjson.dumps(body)
 
     def decode_state(self, raw: bytes) -> DeviceState:
         d = orjson.loads(raw)
-        return DeviceState(seen=d["s"], high_seq=d["h"], last_received_at=d["r"], oldest_seen=d["o"])
+        where = d.get("w")
+        return DeviceState(
+            seen=d["s"],
+            high_seq=d["h"],
+            last_received_at=d["r"],
+            oldest_seen=d["o"],
+            offline=bool(d.get("x", False)),
+            where=None if where is None else tuple(where),
+            device_id=d.get("d", ""),
+        )
 
 
 def live_update(event: Event) -> LiveUpdate | None:
