@@ -189,7 +189,8 @@ def is_pageable(alert: Alert) -> bool:
 
 
 def alert_id(key: str, condition: str, raised_at: int) -> str:
-    return f"{key}/{condition}/{raised_at}"
+    """`{patient or bed}~{condition}~{raised_at}`: derived from the input, and safe in a URL path segment."""
+    return f"{key}~{condition}~{raised_at}"
 
 
 def step(

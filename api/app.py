@@ -44,6 +44,8 @@ class ApiContext:
     on_admission: Callable[[AdmissionChange], Awaitable[None]]
     live: LiveFeed
     submit: Callable[[Sequence[Event]], Awaitable[None]]  # append canonical events to the ingest topic
+    # Append (topic, key, value) records durably: alert commands and patient settings to the clinical topic.
+    publish: Callable[[Sequence[tuple[str, str, bytes]]], Awaitable[None]]
     readiness: dict[str, Callable[[], Awaitable[bool]]] = field(default_factory=dict)
 
 

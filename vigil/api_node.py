@@ -41,7 +41,7 @@ from vigil.settings import Settings
 
 log = logging.getLogger(__name__)
 
-API_TOPICS = (topics.INGEST, topics.ADMISSIONS)  # what an API node writes
+API_TOPICS = (topics.INGEST, topics.ADMISSIONS, topics.CLINICAL)  # what an API node writes
 
 
 def _require(settings: Settings) -> None:
@@ -114,6 +114,7 @@ class ApiNode:
             on_admission=self._admission,
             live=self.live,
             submit=self._submit,
+            publish=self.bus.append,
             readiness={
                 "records": self.db.ping,
                 "redis": self._redis_ready,

@@ -175,6 +175,7 @@ class EmbeddedHub:
             on_admission=self._admission,
             live=LogLiveFeed(self.log),
             submit=self._submit_events,
+            publish=self.log.append,
             readiness={"records": self.db.ping, "vitals": self.vitals.ready, "mqtt": self._mqtt_ready},
         )
         config = uvicorn.Config(

@@ -39,7 +39,7 @@ FACTS = Facts(
 
 def alert(version: int = 1, status: str = "active_unack", **fields: object) -> Alert:
     base = Alert(
-        id=f"P1/spo2_low/{T0}",
+        id=f"P1~spo2_low~{T0}",
         version=version,
         patient_id="P1",
         bed_id="B1",
@@ -69,7 +69,7 @@ def pages(effects: Sequence[EscalationEffect]) -> list[tuple[int, tuple[str, ...
 def test_primary_nurse_is_paged_at_once() -> None:
     _, effects = started()
     assert pages(effects) == [(0, ("nurse_a",))]
-    assert effects[0].key == f"P1/spo2_low/{T0}/0"
+    assert effects[0].key == f"P1~spo2_low~{T0}/0"
 
 
 def test_charge_nurse_not_at_59_999_s_but_at_60_s() -> None:
@@ -216,7 +216,7 @@ def test_restart_mid_escalation_loses_nothing() -> None:
     assert restored == state
     _, effects = tick(restored, T0 + 120_000)
     assert pages(effects) == [(2, ("rrt_c", "rrt_d"))]
-    assert effects[0].key == f"P1/spo2_low/{T0}/2"
+    assert effects[0].key == f"P1~spo2_low~{T0}/2"
 
 
 def test_policy_per_unit_and_priority() -> None:

@@ -64,7 +64,7 @@ def test_condition_true_raises_active_unack_version_1_with_derived_id() -> None:
     book, changes = run([obs(value=85)])
     alert = alert_of(book)
     assert (alert.status, alert.version, alert.raised_at) == ("active_unack", 1, T0)
-    assert alert.id == f"P1/spo2_low/{T0}"
+    assert alert.id == f"P1~spo2_low~{T0}"
     assert changes[0].transition.from_status is None
     assert changes[0].transition.reason == "raised"
     assert is_pageable(alert)
@@ -317,7 +317,7 @@ def test_nothing_leaks_between_patients_across_a_transfer() -> None:
     book, _ = run([obs(value=85, patient="P2", at=T0 + 2 * MIN), obs("hr_high", at=T0 + 2 * MIN)], book)
     alert = alert_of(book)
     assert (alert.patient_id, alert.version) == ("P2", 1)
-    assert alert.id.startswith("P2/")
+    assert alert.id.startswith("P2~")
     assert "hr_high" in book.alarms
 
 
@@ -333,8 +333,8 @@ def test_every_change_increases_version_by_one() -> None:
     _, changes = run(
         [
             obs(value=86),
-            Silence(f"P1/spo2_low/{T0}", "n", T0 + S),
-            Ack(f"P1/spo2_low/{T0}", "n", T0 + 2 * S),
+            Silence(f"P1~spo2_low~{T0}", "n", T0 + S),
+            Ack(f"P1~spo2_low~{T0}", "n", T0 + 2 * S),
             obs(value=78, at=T0 + 3 * S),
             DataStopped(T0 + 4 * S),
             obs(active=False, at=T0 + 5 * S),
@@ -348,7 +348,7 @@ def test_book_round_trips_as_plain_data() -> None:
     book, _ = run(
         [
             obs(value=85),
-            Ack(f"P1/spo2_low/{T0}", "n", T0 + S),
+            Ack(f"P1~spo2_low~{T0}", "n", T0 + S),
             Inhibit("probe_off:ox-1", ("spo2_low",), T0 + 2 * S),
         ]
     )
