@@ -257,11 +257,18 @@ def _fire(
 # ---- state as plain data: a restart loses nothing ----
 
 
+def state_json(state: EscalationState) -> dict[str, Any]:
+    return {"running": list(state.running.values())}  # orjson serialises the dataclasses
+
+
+def state_from(body: dict[str, Any]) -> EscalationState:
+    items = [Running(**r) for r in body["running"]]
+    return EscalationState({r.alert_id: r for r in items})
+
+
 def encode_state(state: EscalationState) -> bytes:
-    return orjson.dumps({"running": list(state.running.values())})
+    return orjson.dumps(state_json(state))
 
 
 def decode_state(raw: bytes) -> EscalationState:
-    body: dict[str, Any] = orjson.loads(raw)
-    items = [Running(**r) for r in body["running"]]
-    return EscalationState({r.alert_id: r for r in items})
+    return state_from(orjson.loads(raw))

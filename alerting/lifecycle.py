@@ -18,7 +18,7 @@ from streams.schemas import Alert, Tick
 
 Priority = Literal["high", "medium", "low"]
 Status = Literal["active_unack", "active_ack", "cleared_unack", "closed"]
-CloseReason = Literal["discharge", "transfer"]
+CloseReason = Literal["discharge", "transfer", "admission"]  # admission: a patient took a bed's place
 
 ACTIVE_STATUSES: tuple[Status, ...] = ("active_unack", "active_ack", "cleared_unack")
 MINUTE_MS = 60_000
@@ -79,6 +79,7 @@ class Observed:
     unit_id: str | None = None
     value: float | None = None
     backfill: bool = False  # data replayed long after its time: raises a retrospective alarm, never a page
+    detail: Mapping[str, Any] = field(default_factory=dict)  # shown with the alert (label, unit, device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +255,7 @@ def _raise(book: AlarmBook, obs: Observed) -> tuple[AlarmBook, tuple[Change, ...
         raised_at=obs.at,
         updated_at=obs.at,
         retrospective=obs.backfill,
-        detail=_detail(inhibitors),
+        detail={**obs.detail, **({} if obs.value is None else {"value": obs.value}), **_detail(inhibitors)},
     )
     alarm = Alarm(alert, True, obs.at, obs.value, obs.value)
     reason = "raised_retrospective" if obs.backfill else "raised"
@@ -323,6 +324,8 @@ def _observed(
             reasons.append("condition_cleared")
     if not fields:
         return _with(book, obs.condition, fresh), ()  # a repeat: nothing resets, nothing changes
+    if obs.active and obs.value is not None:
+        fields["detail"] = {**alarm.alert.detail, "value": obs.value}
     updated, change = _change(fresh, obs.at, "+".join(reasons), **fields)
     return _with(book, obs.condition, updated), (change,)
 
@@ -433,25 +436,30 @@ def _discharged(book: AlarmBook, event: Discharged) -> tuple[AlarmBook, tuple[Ch
 # ---- state as plain data (faust Table, SQLite, Redis) ----
 
 
-def encode_book(book: AlarmBook) -> bytes:
-    return orjson.dumps(
-        {
-            "alarms": {c: _alarm_json(a) for c, a in book.alarms.items()},
-            "inhibited": {c: sorted(s) for c, s in book.inhibited.items()},
-        }
-    )
+def book_json(book: AlarmBook) -> dict[str, Any]:
+    return {
+        "alarms": {c: _alarm_json(a) for c, a in book.alarms.items()},
+        "inhibited": {c: sorted(s) for c, s in book.inhibited.items()},
+    }
 
 
-def decode_book(raw: bytes) -> AlarmBook:
-    body = orjson.loads(raw)
-    alarms = {c: _alarm_from(a) for c, a in body["alarms"].items()}
+def book_from(body: dict[str, Any]) -> AlarmBook:
+    alarms = {c: _alarm_from(dict(a)) for c, a in body["alarms"].items()}
     inhibited = {c: frozenset(s) for c, s in body["inhibited"].items()}
     return AlarmBook(alarms, inhibited)
 
 
+def encode_book(book: AlarmBook) -> bytes:
+    return orjson.dumps(book_json(book))
+
+
+def decode_book(raw: bytes) -> AlarmBook:
+    return book_from(orjson.loads(raw))
+
+
 def _alarm_json(alarm: Alarm) -> dict[str, Any]:
     return {
-        "alert": orjson.loads(orjson.dumps(alarm.alert)),
+        "alert": alarm.alert,  # orjson serialises the dataclass
         "condition_true": alarm.condition_true,
         "last_obs_at": alarm.last_obs_at,
         "last_value": alarm.last_value,
@@ -462,4 +470,5 @@ def _alarm_json(alarm: Alarm) -> dict[str, Any]:
 
 
 def _alarm_from(body: dict[str, Any]) -> Alarm:
-    return Alarm(alert=Alert(**body.pop("alert")), **body)
+    alert = dict(body.pop("alert"))
+    return Alarm(alert=Alert(**alert), **body)

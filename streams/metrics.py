@@ -21,6 +21,18 @@ DUPLICATES_TOTAL = Counter(
 LATE_TOTAL = Counter(
     "vigil_late_total", "Messages with an unseen lower seq (late data)", ["kind"], registry=REGISTRY
 )
+BACKFILL_TOTAL = Counter(
+    "vigil_backfill_total", "Messages received long after their device time (backfill)", registry=REGISTRY
+)
+ALERT_TRANSITIONS = Counter(
+    "vigil_alert_transitions_total",
+    "Alert versions the clinical stage produced, by priority and reason",
+    ["priority", "reason"],
+    registry=REGISTRY,
+)
+PAGES_TOTAL = Counter(
+    "vigil_pages_total", "Escalation steps: paged, or skipped with a reason", ["outcome"], registry=REGISTRY
+)
 INGEST_LATENCY = Histogram(
     "vigil_ingest_latency_seconds",
     "Gateway receipt to durable vitals storage",
@@ -58,6 +70,9 @@ _COUNTERS: dict[str, Counter] = {
     "vigil_duplicates_total": DUPLICATES_TOTAL,
     "vigil_late_total": LATE_TOTAL,
     "vigil_deadletter_total": DEADLETTER_TOTAL,
+    "vigil_backfill_total": BACKFILL_TOTAL,
+    "vigil_alert_transitions_total": ALERT_TRANSITIONS,
+    "vigil_pages_total": PAGES_TOTAL,
 }
 
 

@@ -17,6 +17,7 @@ from streams import topics
 from streams.effects import Count, Effect, Emit, WriteVitals
 from streams.ports import VitalPoint
 from streams.schemas import (
+    FLAG_BACKFILL,
     FLAG_LATE,
     CrewMessage,
     DeviceLiveness,
@@ -33,6 +34,12 @@ from streams.schemas import (
 
 DEDUP_WINDOW_MS = 10 * 60_000  # the contract keeps dedup keys at least 10 minutes
 ACVPU_SCORE = {"A": 0.0, "C": 1.0, "V": 2.0, "P": 3.0, "U": 4.0}
+# A message whose delay (received time - device time) exceeds the device's usual delay by this much is
+# backfill: buffered through an outage and sent late. The usual delay is the smallest seen in the last
+# hour (in 10-minute buckets), so a device whose clock runs behind is not mistaken for one replaying.
+BACKFILL_AFTER_MS = 60_000
+DELAY_BUCKET_MS = 10 * 60_000
+DELAY_BUCKETS = 6
 # Silence after which a device is offline, per type: several of its periodic messages missed (monitors send
 # obs every second, pumps every 10 s, ambulances GPS every 2 s, pendants and analyzers status every 60 s).
 OFFLINE_AFTER_MS: dict[str, int] = {
@@ -54,6 +61,7 @@ class DeviceState:
     oldest_seen: int = 0  # lower bound of `seen`'s received_at, so pruning is skipped when nothing is old
     offline: bool = False
     device_id: str = ""
+    delays: list[list[int]] = field(default_factory=list)  # [bucket start, smallest delay] oldest first
     # Where the device last reported from (type, site, unit, bed, patient): whom its silence concerns.
     where: tuple[str | None, str, str | None, str | None, str | None] | None = None
 
@@ -100,10 +108,12 @@ class DeviceStage:
                 st.high_seq[slot] = meta.seq
         st.last_received_at = max(st.last_received_at, rx)
         if isinstance(event, Observations):
-            if late:
-                event = replace(
-                    event, items=tuple(replace(i, flags=(*i.flags, FLAG_LATE)) for i in event.items)
-                )
+            extra = (FLAG_LATE,) if late else ()
+            if meta.transport != "api" and self._backfill(st, rx, meta.ts):
+                extra = (*extra, FLAG_BACKFILL)
+                effects.append(Count("vigil_backfill_total"))
+            if extra:
+                event = replace(event, items=tuple(replace(i, flags=(*i.flags, *extra)) for i in event.items))
             effects.append(WriteVitals(tuple(vital_points(event))))
         live = live_update(event)
         if live is not None:
@@ -117,6 +127,19 @@ class DeviceStage:
                 )
             )
         return st, effects
+
+    @staticmethod
+    def _backfill(st: DeviceState, rx: int, ts: int) -> bool:
+        """Whether this message is far later than the device's usual delay; then remember its delay."""
+        delay = rx - ts
+        usual = min((b[1] for b in st.delays), default=None)
+        bucket = rx - rx % DELAY_BUCKET_MS
+        if st.delays and st.delays[-1][0] == bucket:
+            st.delays[-1][1] = min(st.delays[-1][1], delay)
+        else:
+            st.delays.append([bucket, delay])
+            del st.delays[:-DELAY_BUCKETS]
+        return usual is not None and delay - usual > BACKFILL_AFTER_MS
 
     def _tick(self, state: DeviceState | None, at: int) -> tuple[DeviceState | None, Sequence[Effect]]:
         if state is None:
@@ -167,6 +190,8 @@ class DeviceStage:
             body["d"] = state.device_id
         if state.offline:
             body["x"] = True
+        if state.delays:
+            body["dl"] = state.delays
         return orjson.dumps(body)
 
     def decode_state(self, raw: bytes) -> DeviceState:
@@ -180,6 +205,7 @@ class DeviceStage:
             offline=bool(d.get("x", False)),
             where=None if where is None else tuple(where),
             device_id=d.get("d", ""),
+            delays=d.get("dl", []),
         )
 
 
