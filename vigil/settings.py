@@ -26,6 +26,9 @@ class MqttUrl:
     password: str | None
 
 
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"  # the shipped defaults
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     host: str
@@ -50,6 +53,7 @@ class Settings:
     influx_db: str
     jwt_secret: str | None
     default_site: str
+    config_dir: Path  # rules.yaml (hot-reloaded), escalation.yaml
 
     @property
     def sqlite_records(self) -> Path:
@@ -90,4 +94,5 @@ def load(env: dict[str, str] | None = None) -> Settings:
         influx_db=e.get("VIGIL_INFLUX_DB", "vigil"),
         jwt_secret=e.get("VIGIL_JWT_SECRET") or None,
         default_site=e.get("VIGIL_DEFAULT_SITE", "default"),
+        config_dir=Path(e.get("VIGIL_CONFIG_DIR") or DEFAULT_CONFIG_DIR).resolve(),
     )
