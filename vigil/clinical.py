@@ -46,18 +46,12 @@ class Directory(Protocol):
 class ClinicalHost:
     """The clinical engine and what keeps its inputs current in one process."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        directory: Directory,
-        connected: Callable[[], Awaitable[frozenset[str]]],
-        clock: Clock,
-    ) -> None:
+    def __init__(self, settings: Settings, clock: Clock) -> None:
         self.rules_file = RulesFile(settings.config_dir / "rules.yaml")
         self._report(self.rules_file.reload_if_changed())
         self.policies = load_policies_file(settings.config_dir / "escalation.yaml")
-        self._directory = directory
-        self._connected = connected
+        self._directory: Directory | None = None
+        self._connected: Callable[[], Awaitable[frozenset[str]]] | None = None
         self._online: frozenset[str] = frozenset()
         self._clock = clock
         self._tasks: list[asyncio.Task[Any]] = []
@@ -69,9 +63,15 @@ class ClinicalHost:
     def facts(
         self, *, site_id: str, unit_id: str | None, bed_id: str | None, patient_id: str | None
     ) -> Facts:
+        if self._directory is None:
+            return Facts()  # not attached: every level passes at once (nobody is hidden behind it)
         return self._directory.facts(
             site_id=site_id, unit_id=unit_id, bed_id=bed_id, patient_id=patient_id, connected=self._online
         )
+
+    def attach(self, directory: Directory, connected: Callable[[], Awaitable[frozenset[str]]]) -> None:
+        """Where facts come from (the host's records and presence), before the first step."""
+        self._directory, self._connected = directory, connected
 
     async def start(self) -> None:
         await self.refresh()
@@ -87,8 +87,10 @@ class ClinicalHost:
         self._tasks.clear()
 
     async def refresh(self) -> None:
-        await self._directory.refresh(self._clock.now_ms())
-        self._online = await self._connected()
+        if self._directory is not None:
+            await self._directory.refresh(self._clock.now_ms())
+        if self._connected is not None:
+            self._online = await self._connected()
 
     def _report(self, result: object) -> None:
         if isinstance(result, list):
