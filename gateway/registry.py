@@ -2,7 +2,8 @@
 
 `get()` is a dict lookup on the hot path. The map follows the registry version (polled every 0.5 s), so a
 device added or an admission changed by another process takes effect within a second; while the database
-is down the last map keeps serving.
+is down the last map keeps serving. A scaled gateway also reloads it as soon as an admission change reaches
+Kafka, and fences each batch on it (gateway/admissions.py).
 """
 
 from __future__ import annotations

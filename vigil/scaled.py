@@ -25,6 +25,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.admissions import AdmissionFeed
 from gateway.coap import CoapGateway
 from gateway.ingest import Ingestor
 from gateway.mosquitto_sync import MosquittoSync
@@ -36,6 +37,7 @@ from streams import topics
 from streams.clock import Clock, SystemClock
 from streams.kafka import KafkaBus, KafkaSettings, bootstrap_servers, ensure_topics
 from streams.metrics import REGISTRY
+from streams.timers import Ticker
 from vigil.ports_check import check_free
 from vigil.serve import serve
 from vigil.settings import Settings
@@ -47,6 +49,10 @@ GATEWAY_TOPICS = (topics.INGEST, topics.DEADLETTERS)  # what a gateway writes
 
 
 Check = Callable[[], Awaitable[bool]]
+
+
+def partition_count(topic: str) -> int:
+    return topics.PARTITIONS.get(topic, 1)
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -114,6 +120,8 @@ class ScaledGateway:
     ingest: Ingestor = field(init=False)
     mqtt: MqttGateway = field(init=False)
     _coap: CoapGateway | None = field(init=False, default=None)
+    _ticker: Ticker | None = field(init=False, default=None)
+    _admissions: AdmissionFeed | None = field(init=False, default=None)
     _server: uvicorn.Server | None = field(init=False, default=None)
     _tasks: list[asyncio.Task[Any]] = field(init=False, default_factory=list)
     _started: list[str] = field(init=False, default_factory=list)
@@ -175,7 +183,26 @@ class ScaledGateway:
                 await ensure_topics(servers, topics.PARTITIONS)
             except Exception:  # e.g. not allowed to create topics: /readyz names kafka while any is missing
                 log.exception("could not create Vigil's Kafka topics")
-        self.ingest = Ingestor(self.bus, self.registry, self.clock)
+        # Attribution follows an admission change at once (gateway/admissions.py): pushed from Kafka, and
+        # fenced before each batch is stamped, so a reading received after the API answered is attributed
+        # to the new patient. The registry's version poll stays as the fallback.
+        gate = None
+        if _env_flag("VIGIL_ADMISSION_FENCE", True):
+            feed = AdmissionFeed(servers, self.registry.refresh, client_id=client_id)
+            try:
+                await feed.start()
+            except Exception:  # e.g. the topic is missing: attribution follows the poll alone
+                log.exception(
+                    "could not follow %s; admissions reach this gateway by polling", topics.ADMISSIONS
+                )
+                await feed.stop()
+            else:
+                self._admissions, gate = feed, feed.fence
+        self.ingest = Ingestor(self.bus, self.registry, self.clock, gate=gate)
+        # Timers (offline detection, escalations) run on ticks from the gateway's clock; several gateways
+        # each ticking is fine: processors drop a tick older than the newest they applied.
+        self._ticker = Ticker(self.bus.append, partition_count, self.clock)
+        self._ticker.start()
 
         u = s.mqtt_url
         if u.username and u.password and s.mqtt_dynsec:
@@ -237,6 +264,8 @@ class ScaledGateway:
         if self._coap is not None:
             with contextlib.suppress(Exception):
                 await self._coap.stop()
+        if self._ticker is not None:
+            await self._ticker.stop()
         if self._server is not None:
             self._server.should_exit = True
         for t in self._tasks:
@@ -245,6 +274,8 @@ class ScaledGateway:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._admissions is not None:
+            await self._admissions.stop()
         if "bus" in self._started:
             await self.bus.stop()
         if "registry" in self._started:

@@ -1,0 +1,147 @@
+"""The scaled runtime's gateways drive timers and follow admissions at once (tests/scaled_hub.py stack).
+
+- Ticks: each `vigil gateway` appends a Tick to every partition of the ticked topics each second, so the
+  workers' device stage reports a silent monitor offline on `vigil.clinical.v1`, and online again when it
+  speaks.
+- Admissions: a reading a device publishes right after `PUT /api/v1/beds/{bed}/patient` answered is
+  attributed to the new patient (gateway/admissions.py), never to the previous one.
+
+Both read `vigil.clinical.v1` straight from Kafka with aiokafka, from its end when the test starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import aiomqtt
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streams import topics
+from streams.processors.device import OFFLINE_AFTER_MS
+from streams.schemas import DeviceLiveness, Event, Observations, decode
+from tests.scaled_hub import ScaledHub
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledHub]:
+    h = ScaledHub(tmp_path_factory.mktemp("scaled-ticks") / "hub")
+    h.start()
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+class Clinical:
+    """`vigil.clinical.v1` from its end at creation, decoded."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._c = consumer
+        self.seen: list[Event] = []
+
+    async def until(self, predicate: Callable[[Event], bool], timeout: float) -> Event:
+        deadline = time.monotonic() + timeout
+        for ev in self.seen:
+            if predicate(ev):
+                return ev
+        while time.monotonic() < deadline:
+            batch = await self._c.getmany(timeout_ms=200)
+            for records in batch.values():
+                for r in records:
+                    ev = decode(r.value)
+                    self.seen.append(ev)
+                    if predicate(ev):
+                        return ev
+        raise AssertionError(f"nothing matched within {timeout}s; saw {len(self.seen)} records")
+
+
+@pytest.fixture
+async def clinical(hub: ScaledHub) -> AsyncIterator[Clinical]:
+    c = AIOKafkaConsumer(bootstrap_servers=hub.s.kafka_url.split("://", 1)[1], group_id=None)
+    await c.start()
+    try:
+        tps = [TopicPartition(topics.CLINICAL, p) for p in range(topics.PARTITIONS[topics.CLINICAL])]
+        c.assign(tps)
+        await c.seek_to_end(*tps)
+        for tp in tps:
+            await c.position(tp)  # resolve the end now, before the test sends anything
+        yield Clinical(c)
+    finally:
+        await c.stop()
+
+
+def device_client(hub: ScaledHub, device_id: str, secret: str) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        "127.0.0.1", hub.mqtt_port, identifier=device_id, username=device_id, password=secret
+    )
+
+
+def obs(seq: int, value: float, boot: str) -> bytes:
+    return json.dumps({"seq": seq, "boot": boot, "obs": [{"code": "hr", "value": value}]}).encode()
+
+
+def liveness(device_id: str, online: bool) -> Callable[[Event], bool]:
+    return lambda e: isinstance(e, DeviceLiveness) and e.device_id == device_id and e.online is online
+
+
+async def test_a_silent_monitor_is_reported_offline_then_online_again(
+    hub: ScaledHub, clinical: Clinical
+) -> None:
+    out = await asyncio.to_thread(
+        hub.add_device, "tick-mon-1", "monitor", "--unit", "tick-icu", "--bed", "tick-1", "--patient", "PT-1"
+    )
+    topic = "vigil/v1/tick-mon-1/obs"
+    async with device_client(hub, "tick-mon-1", str(out["secret"])) as dev:
+        for seq in (1, 2, 3):
+            await dev.publish(topic, obs(seq, 70 + seq, "ticks"), qos=1)
+        await clinical.until(
+            lambda e: isinstance(e, Observations) and e.meta.event_id.endswith("/ticks/3"), 30
+        )
+        silent_since = time.monotonic()
+        # Timeout 10 s, a tick each second; the first batch of a fresh stack may wait for faust to settle.
+        off = await clinical.until(liveness("tick-mon-1", False), 30)
+        took = time.monotonic() - silent_since
+        assert isinstance(off, DeviceLiveness)
+        assert off.patient_id == "PT-1" and off.bed_id == "tick-1"
+        assert off.at - off.last_received_at >= OFFLINE_AFTER_MS["monitor"]
+        assert took < 15, f"offline reported {took:.1f}s after the last message"
+
+        await dev.publish(topic, obs(4, 75, "ticks"), qos=1)
+        on = await clinical.until(liveness("tick-mon-1", True), 30)
+        assert isinstance(on, DeviceLiveness) and on.at > off.at
+
+
+async def test_a_reading_right_after_an_admission_change_goes_to_the_new_patient(
+    hub: ScaledHub, clinical: Clinical
+) -> None:
+    out = await asyncio.to_thread(
+        hub.add_device, "adm-mon-1", "monitor", "--unit", "adm-icu", "--bed", "adm-1", "--patient", "PA-0"
+    )
+    topic = "vigil/v1/adm-mon-1/obs"
+    expected: dict[int, str] = {}
+    async with device_client(hub, "adm-mon-1", str(out["secret"])) as dev:
+        await dev.publish(topic, obs(1, 60, "adm"), qos=1)
+        expected[1] = "PA-0"
+        for i in range(1, 6):  # each admission change, then a reading at once over a live connection
+            patient = f"PA-{i}"
+            r = await asyncio.to_thread(
+                hub.api, "PUT", "/api/v1/beds/adm-1/patient", json={"patient_id": patient}
+            )
+            assert r.status_code == 200, r.text
+            await dev.publish(topic, obs(i + 1, 60 + i, "adm"), qos=1)
+            expected[i + 1] = patient
+
+    last = f"adm-mon-1/obs/adm/{len(expected)}"
+    await clinical.until(lambda e: isinstance(e, Observations) and e.meta.event_id == last, 30)
+    got = {
+        e.meta.seq: e.meta.patient_id
+        for e in clinical.seen
+        if isinstance(e, Observations) and e.meta.device_id == "adm-mon-1" and e.meta.seq is not None
+    }
+    assert got == expected
