@@ -1,6 +1,12 @@
 // Vigil ICU board: login, unit picker, one live tile per bed, bed detail charts. Vanilla ES module, no build.
 // Patient data never goes to the console: log messages are generic on purpose.
 
+import {
+  AlertStore, audiblePriority, bannerAlerts, conditionLabel, isUnacked, newestFirst, tileAlarm, valueText,
+} from "./alarms.js";
+import { renderBanner, renderList } from "./alarmview.js";
+import { AlarmAudio } from "./audio.js";
+
 const PARAMS = new URLSearchParams(location.search);
 const num = (name, fallback) => {
   const v = Number(PARAMS.get(name));
@@ -30,11 +36,12 @@ const staleAfter = (alias) => STALE_MS[alias] ?? STALE_OTHER_MS;
 // What each technical condition makes unreliable (ECG leads: HR; SpO2 probe: SpO2 and pulse rate).
 const CONDITION_INVALIDATES = { lead_off: ["hr"], probe_off: ["spo2", "pr"] };
 const CONDITION_TEXT = { lead_off: "LEAD OFF", probe_off: "PROBE OFF", low_battery: "LOW BATTERY" };
-const PRIORITY_RANK = { high: 3, medium: 2, low: 1 };
+const SILENCE_S = 120; // the silence button: the lifecycle caps an audio pause at 2 minutes
 
 const TOKEN_KEY = "vigil.token";
 const USER_KEY = "vigil.user";
 const UNIT_KEY = "vigil.unit";
+const PANEL_KEY = "vigil.alarmPanel";
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, cls, text) => {
@@ -63,6 +70,12 @@ const state = {
   charts: [],
   reloadTimer: null,
   generation: 0, // bumps on every unit (re)load; stale async answers are dropped
+  alerts: new AlertStore(), // the unit's open alerts, from REST and `alert` frames
+  receipts: new Set(), // "id:version" already receipted
+  pendingReceipts: new Map(), // to send once the socket is up
+  pending: new Map(), // alert id -> action in flight (its buttons are disabled)
+  paged: new Set(), // alert ids this user was paged about
+  audio: new AlarmAudio(),
 };
 
 const serverNow = () => Date.now() + state.skewMs;
@@ -100,6 +113,7 @@ function show(view) {
   const signedIn = view !== "login-view";
   $("logout").hidden = !signedIn;
   $("units-button").hidden = !(view === "board-view" || view === "detail-view");
+  renderAlarms();
   if (view !== "detail-view") destroyCharts();
 }
 
@@ -110,6 +124,7 @@ function logout(message) {
   state.token = null;
   state.unit = null;
   state.beds.clear();
+  resetAlarms();
   $("grid").replaceChildren();
   $("where").textContent = "";
   $("link").textContent = "";
@@ -150,6 +165,7 @@ async function login(event) {
 async function showUnits() {
   closeSocket();
   state.unit = null;
+  resetAlarms();
   sessionStorage.removeItem(UNIT_KEY);
   $("where").textContent = "";
   show("units-view");
@@ -178,6 +194,7 @@ async function showUnits() {
 // ---------------------------------------------------------------- unit board
 
 async function openUnit(unit) {
+  if (state.unit?.id !== unit.id) resetAlarms();
   state.unit = { id: unit.id, name: unit.name || unit.id, site_id: unit.site_id };
   sessionStorage.setItem(UNIT_KEY, JSON.stringify(state.unit));
   $("where").textContent = state.unit.name;
@@ -271,8 +288,7 @@ class Bed {
     this.values = {}; // alias -> {value, unit, ts (ms), flags}
     this.conditions = new Map(); // device_id -> [conditions]
     this.lastData = 0; // newest server-time ms of anything from this bed
-    this.news2 = null;
-    this.alerts = new Map(); // alert id -> alert
+    this.news2 = null; // the engine's News2Result JSON (contract section 5)
     this.trend = [[], []]; // HR sparkline: seconds, values
     this.spark = null;
     this.buildTile();
@@ -302,7 +318,9 @@ class Bed {
     news.append(el("span", "label", "NEWS2"));
     this.newsScore = el("span", "news2-score", "--");
     this.newsNote = el("span", "news2-note", "incomplete");
-    news.append(this.newsScore, this.newsNote);
+    this.newsMissing = el("span", "news2-missing", "");
+    news.append(this.newsScore, this.newsNote, this.newsMissing);
+    this.newsBox = news;
     const trend = el("div", "trend");
     trend.setAttribute("aria-hidden", "true");
     this.sparkEl = el("div", "spark");
@@ -389,7 +407,7 @@ class Bed {
     try {
       const snap = await api(`/api/v1/patients/${encodeURIComponent(this.patientId)}`);
       if (gen !== state.generation) return;
-      if (snap.news2) this.news2 = snap.news2;
+      if (snap.news2) this.setNews2(snap.news2);
       this.render();
     } catch (err) {
       handleError(err, null);
@@ -504,42 +522,85 @@ class Bed {
     cell.age.textContent = artifact ? `artifact · ${ageText(age)}` : `${ageText(age)} ago`;
   }
 
-  // NEWS2 comes only from the alarm engine; the board never computes or guesses a score.
+  // A newer score (by its own ts) replaces the shown one; a late frame never does.
+  setNews2(n) {
+    if (!n || typeof n !== "object") return;
+    const ts = news2Ts(n);
+    const cur = this.news2 ? news2Ts(this.news2) : -Infinity;
+    if (Number.isFinite(ts) && Number.isFinite(cur) && ts < cur) return;
+    this.news2 = n;
+  }
+
+  // NEWS2 comes only from the alarm engine; the board never computes or guesses a score. Coloured by the
+  // engine's response: low (white), low-medium (cyan), medium (amber), high (red); an incomplete score shows
+  // its partial sum and what is missing, coloured by its response floor when the engine gives one.
   renderNews2(now) {
     const n = this.news2;
     this.newsScore.className = "news2-score";
+    this.newsBox.className = "news2";
     if (!this.patientId) {
       this.newsScore.textContent = "--";
       this.newsNote.textContent = "no patient";
+      this.newsMissing.textContent = "";
       return;
     }
-    if (!n || n.score === null || n.score === undefined || !n.complete) {
+    if (!n) {
       this.newsScore.textContent = "--";
       this.newsNote.textContent = "incomplete";
+      this.newsMissing.textContent = "";
       return;
     }
-    this.newsScore.textContent = String(n.score);
-    const ts = n.ts ? Date.parse(n.ts) : NaN;
+    const ts = news2Ts(n);
     const age = Number.isFinite(ts) ? ` · ${ageText(now - ts)}` : "";
-    this.newsNote.textContent = `${(n.response || "").replace("_", "-")}${age}`;
-    if (n.response && n.response !== "low") this.newsScore.classList.add(`resp-${n.response}`);
+    const missing = (n.missing || []).map((m) => NEWS2_NAMES[m] || m);
+    const stale = (n.stale || []).map((m) => NEWS2_NAMES[m] || m);
+    const complete = n.complete && typeof n.score === "number";
+    if (complete) {
+      this.newsScore.textContent = String(n.score);
+      this.newsNote.textContent = `${(n.response || "").replace("_", "-")}${age}`;
+      this.newsMissing.textContent = stale.length ? `stale: ${stale.join(", ")}` : "";
+    } else {
+      this.newsScore.textContent = "incomplete";
+      this.newsScore.classList.add("incomplete");
+      const partial = typeof n.partial === "number" ? `partial ${n.partial}` : "partial --";
+      const floor = n.response ? ` · at least ${n.response.replace("_", "-")}` : "";
+      this.newsNote.textContent = `${partial}${floor}${age}`;
+      this.newsMissing.textContent = missing.length ? `missing: ${missing.join(", ")}` : "";
+    }
+    if (n.suppressed) {
+      this.newsBox.classList.add("suppressed");
+      this.newsNote.textContent += " · suppressed";
+    } else if (n.response) {
+      this.newsBox.classList.add(`resp-${n.response}`);
+      this.newsScore.classList.add(`resp-${n.response}`);
+    }
+    this.newsBox.dataset.response = n.suppressed ? "suppressed" : (n.response || "");
   }
 
+  // The tile's colour is its highest open alert's priority; only an unacknowledged one flashes.
   renderAlarm() {
-    const active = [...this.alerts.values()].filter((a) => a.status && a.status !== "closed");
-    active.sort((a, b) => (PRIORITY_RANK[b.priority] || 0) - (PRIORITY_RANK[a.priority] || 0));
-    this.tile.classList.remove("alarm-high", "alarm-medium", "alarm-low");
-    if (!active.length) {
+    const alerts = state.alerts.all().filter((a) => bedFor(a) === this);
+    const shown = tileAlarm(alerts);
+    this.tile.classList.remove("alarm-high", "alarm-medium", "alarm-low", "alarm-unack", "alarm-ack");
+    if (!shown) {
       this.alarmEl.hidden = true;
+      delete this.tile.dataset.alarm;
       return;
     }
-    const top = active[0];
-    if (PRIORITY_RANK[top.priority]) this.tile.classList.add(`alarm-${top.priority}`);
+    const { top, count, flashing } = shown;
+    this.tile.classList.add(`alarm-${top.priority}`, flashing ? "alarm-unack" : "alarm-ack");
+    this.tile.dataset.alarm = `${top.priority} ${top.status}`;
     this.alarmEl.hidden = false;
-    this.alarmEl.className = `tile-alarm prio-${top.priority}`;
-    const more = active.length > 1 ? ` +${active.length - 1}` : "";
-    const acked = top.status === "active_ack" ? " (ack)" : top.status === "cleared_unack" ? " (cleared)" : "";
-    this.alarmEl.textContent = `${top.priority.toUpperCase()} ${top.condition.replace(/_/g, " ")}${acked}${more}`;
+    this.alarmEl.className = `tile-alarm prio-${top.priority} st-${top.status}`;
+    const parts = [`${top.priority.toUpperCase()} ${conditionLabel(top)}`];
+    const value = valueText(top);
+    if (value) parts.push(value);
+    if (top.status === "active_ack") parts.push("ack");
+    if (top.status === "cleared_unack") parts.push("cleared");
+    if (top.data_stale) parts.push("stale");
+    if (top.retrospective) parts.push("retrospective");
+    const text = `${parts.join(" · ")}${count > 1 ? ` +${count - 1}` : ""}`;
+    if (this.alarmEl.textContent !== text) this.alarmEl.textContent = text;
   }
 
   destroy() {
@@ -549,25 +610,160 @@ class Bed {
   }
 }
 
+const NEWS2_NAMES = {
+  rr: "RR", spo2: "SpO₂", o2_supplement: "O₂", nibp_sys: "sys BP", pulse: "pulse", acvpu: "ACVPU", temp: "temp",
+};
+
+function news2Ts(n) {
+  if (typeof n.ts === "number") return n.ts;
+  const t = Date.parse(n.ts);
+  return Number.isFinite(t) ? t : NaN;
+}
+
+// ---------------------------------------------------------------- alarms
+
+function resetAlarms() {
+  state.alerts.clear();
+  state.receipts.clear();
+  state.pendingReceipts.clear();
+  state.pending.clear();
+  state.paged.clear();
+  $("alarm-error").textContent = "";
+  renderAlarms();
+}
+
+// The REST list is the unit's open alerts at one moment; frames may overtake it, so an alert is dropped as
+// gone only when the store had it, unchanged, before the request went out.
 async function loadAlerts(gen) {
+  const before = new Map(state.alerts.all().map((a) => [a.id, a.version]));
+  let body;
   try {
-    const body = await api("/api/v1/alerts?status=active");
-    if (gen !== state.generation) return;
-    for (const a of body.items || []) applyAlert(a);
+    body = await api(`/api/v1/alerts?status=active&unit_id=${encodeURIComponent(state.unit.id)}`);
   } catch (err) {
     if (err instanceof Unauthorised) handleError(err, null);
-    // No alert API yet (404) or a transient failure: the websocket still delivers alerts.
+    // No alert API (404) or a transient failure: the websocket still delivers alerts.
+    return;
+  }
+  if (gen !== state.generation) return;
+  const items = Array.isArray(body) ? body : body.items || [];
+  const seen = new Set(items.map((a) => a.id));
+  for (const [id, version] of before) {
+    const cur = state.alerts.open.get(id);
+    if (!seen.has(id) && cur && cur.version === version) state.alerts.open.delete(id);
+  }
+  for (const a of items) applyAlert(a, false);
+  renderAlarms();
+}
+
+function ofThisUnit(a) {
+  if (!state.unit) return false;
+  if (a.unit_id) return a.unit_id === state.unit.id;
+  return bedFor(a) !== null;
+}
+
+function applyAlert(a, render = true) {
+  if (!a || typeof a.id !== "string" || !ofThisUnit(a)) return;
+  if (state.alerts.apply(a) && a.status !== "closed") receipt(a);
+  if (render) renderAlarms();
+}
+
+// The board tells the hub it has shown each version of each alert (escalation knows a screen displayed it).
+function receipt(a) {
+  const key = `${a.id}:${a.version}`;
+  if (state.receipts.has(key)) return;
+  const ws = state.ws;
+  if (ws && ws.readyState === WebSocket.OPEN && state.wsOpen) {
+    ws.send(JSON.stringify({ op: "receipt", alert_id: a.id, version: a.version }));
+    state.receipts.add(key);
+    state.pendingReceipts.delete(key);
+  } else {
+    state.pendingReceipts.set(key, a);
   }
 }
 
-function applyAlert(a) {
+function flushReceipts() {
+  for (const a of [...state.pendingReceipts.values()]) {
+    if (state.alerts.open.get(a.id)?.version === a.version) receipt(a);
+    else state.pendingReceipts.delete(`${a.id}:${a.version}`);
+  }
+}
+
+const ACTION_PATH = { ack: "ack", silence: "silence", resolve: "resolve" };
+const ACTION_FAILED = { ack: "acknowledge", silence: "silence", resolve: "resolve" };
+
+async function alertAction(id, action) {
+  if (state.pending.has(id) || !ACTION_PATH[action]) return;
+  state.pending.set(id, action);
+  $("alarm-error").textContent = "";
+  renderAlarms();
+  const body = action === "silence" ? { duration_s: SILENCE_S } : {};
+  try {
+    const r = await fetch(`/api/v1/alerts/${encodeURIComponent(id)}/${ACTION_PATH[action]}`, {
+      method: "POST",
+      headers: { Accept: "application/json", "Content-Type": "application/json", Authorization: `Bearer ${state.token}` },
+      body: JSON.stringify(body),
+      cache: "no-store",
+    });
+    if (r.status === 401) throw new Unauthorised("unauthorised");
+    if (!r.ok) {
+      const why = r.status === 403 ? "you may not" : r.status === 409 ? "the alarm changed; it was not" : "the hub could not";
+      $("alarm-error").textContent = `Could not ${ACTION_FAILED[action]}: ${why} (HTTP ${r.status}).`;
+      console.warn("vigil board: alert action failed", r.status);
+      return;
+    }
+    // The engine's new version arrives as an `alert` frame; an answer that already holds it is applied now.
+    const answer = await r.json().catch(() => null);
+    const alert = answer && (answer.alert || answer);
+    if (alert && typeof alert.id === "string" && typeof alert.version === "number" && alert.status) applyAlert(alert, false);
+  } catch (err) {
+    if (err instanceof Unauthorised) { handleError(err, null); return; }
+    $("alarm-error").textContent = `Could not ${ACTION_FAILED[action]}: the hub cannot be reached.`;
+  } finally {
+    state.pending.delete(id);
+    renderAlarms();
+  }
+}
+
+function bedLabel(a) {
   const bed = bedFor(a);
-  if (!bed || a.id === undefined) return;
-  const cur = bed.alerts.get(a.id);
-  if (cur && cur.version !== undefined && a.version !== undefined && cur.version > a.version) return;
-  if (a.status === "closed") bed.alerts.delete(a.id);
-  else bed.alerts.set(a.id, a);
-  bed.render();
+  return bed ? bed.label : a.bed_id || "--";
+}
+
+// Banner, list, tiles and audio from the one store; runs after every change and once a second.
+function renderAlarms() {
+  const onBoard = Boolean(state.unit) && (!$("board-view").hidden || !$("detail-view").hidden);
+  const all = state.alerts.all();
+  const now = serverNow();
+  const ctx = { now, bedLabel, onAction: alertAction, pending: state.pending, paged: state.paged };
+  const banner = bannerAlerts(all);
+  renderBanner($("alarm-banner"), onBoard ? banner : { top: [], others: 0 }, ctx);
+  renderList($("alarm-rows"), [...all].sort(newestFirst), ctx);
+  const unacked = all.filter(isUnacked).length;
+  $("alarm-count").textContent = all.length
+    ? `${all.length} open · ${unacked} unacknowledged` : "no open alarms";
+  $("alarm-empty").hidden = all.length > 0;
+  $("alarm-list").hidden = all.length === 0;
+  for (const bed of state.beds.values()) bed.renderAlarm();
+  renderAudio(onBoard, all, now);
+}
+
+function renderAudio(onBoard, all, now) {
+  const armed = state.audio.armed;
+  $("audio-state").hidden = !onBoard;
+  $("audio-arm").hidden = !onBoard || armed;
+  $("audio-state").textContent = armed ? "AUDIO ON" : "AUDIO OFF";
+  $("audio-state").className = `audio-state ${armed ? "on" : "off"}`;
+  document.body.classList.toggle("audio-off", onBoard && !armed);
+  // Sound follows what the board last knew, even while the link is down: silence is never assumed.
+  state.audio.update(onBoard ? audiblePriority(all, now) : null, performance.now());
+}
+
+function onPage(d) {
+  if (!d || typeof d.alert_id !== "string") return;
+  const me = sessionStorage.getItem(USER_KEY);
+  if (Array.isArray(d.recipients) && me && !d.recipients.includes(me)) return;
+  state.paged.add(d.alert_id);
+  renderAlarms();
 }
 
 // ---------------------------------------------------------------- websocket
@@ -671,6 +867,7 @@ function onMessage(ws, msg) {
       state.reconnectDelay = RECONNECT_MIN_MS;
       setBanner(false);
       for (const bed of state.beds.values()) bed.render();
+      flushReceipts();
       break;
     case "error":
       if (msg.code === "unauthorised") logout("Your session has ended. Please sign in again.");
@@ -685,6 +882,7 @@ function onMessage(ws, msg) {
     case "vitals": onVitals(msg.data || {}); break;
     case "device": onDevice(msg.data || {}); break;
     case "alert": applyAlert(msg.data || {}); break;
+    case "page": onPage(msg.data || {}); break;
     case "news2": onNews2(msg.data || {}); break;
     default: break; // pong, pump and later types: nothing to show yet
   }
@@ -700,7 +898,7 @@ function onVitals(d) {
   bed.mergeValues(d.values || {});
   const at = Date.parse(d.at);
   if (Number.isFinite(at)) bed.lastData = Math.max(bed.lastData, at);
-  if (d.news2) bed.news2 = d.news2;
+  if (d.news2) bed.setNews2(d.news2);
   bed.render();
   if (state.detailBed === bed) appendDetail(d.values || {});
 }
@@ -716,8 +914,9 @@ function onDevice(d) {
 
 function onNews2(d) {
   const bed = bedFor(d);
-  if (!bed) return;
-  bed.news2 = d;
+  if (!bed || !d.news2) return;
+  if (d.patient_id && bed.patientId && d.patient_id !== bed.patientId) return; // another admission's score
+  bed.setNews2(d.news2);
   bed.render();
 }
 
@@ -850,6 +1049,7 @@ function tick() {
   renderLink();
   if (who && state.token) $("logout").title = `Signed in as ${who}`;
   if (!$("board-view").hidden) for (const bed of state.beds.values()) bed.render();
+  renderAlarms();
   updateBannerCountdown();
 }
 
@@ -860,6 +1060,14 @@ function init() {
   $("detail-back").addEventListener("click", closeDetail);
   $("detail-refresh").addEventListener("click", loadDetail);
   $("detail-hours").addEventListener("change", loadDetail);
+  $("audio-arm").addEventListener("click", async () => {
+    await state.audio.arm();
+    renderAlarms();
+  });
+  state.audio.onchange = () => renderAlarms(); // a suspended context shows AUDIO OFF again
+  const panel = $("alarm-panel");
+  panel.open = sessionStorage.getItem(PANEL_KEY) === "open";
+  panel.addEventListener("toggle", () => sessionStorage.setItem(PANEL_KEY, panel.open ? "open" : "closed"));
   document.addEventListener("keydown", (e) => {
     if (e.key === "Escape" && !$("detail-view").hidden) closeDetail();
   });
