@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +28,9 @@ from streams.metrics import REGISTRY
 from streams.ports import VitalPoint, VitalsStore
 from streams.schemas import AdmissionChange, Event
 
+if TYPE_CHECKING:
+    from alerting.rules import Ruleset
+
 log = logging.getLogger(__name__)
 
 ACVPU = "ACVPU"
@@ -46,6 +49,9 @@ class ApiContext:
     submit: Callable[[Sequence[Event]], Awaitable[None]]  # append canonical events to the ingest topic
     # Append (topic, key, value) records durably: alert commands and patient settings to the clinical topic.
     publish: Callable[[Sequence[tuple[str, str, bytes]]], Awaitable[None]]
+    ruleset: Callable[[], Ruleset] | None = None  # the rules in force (GET /rules, limit overrides)
+    # A client showed an alert version to its user: (alert_id, version, username, at_ms).
+    on_receipt: Callable[[str, int, str, int], Awaitable[None]] | None = None
     readiness: dict[str, Callable[[], Awaitable[bool]]] = field(default_factory=dict)
 
 
@@ -77,6 +83,17 @@ def parse_time(raw: str, name: str) -> int:
     return int(dt.timestamp() * 1000)
 
 
+def _news2_json(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    out = dict(result)
+    out["ts"] = iso(int(result["ts"]))
+    for c in (out.get("components") or {}).values():
+        if c is not None:
+            c["ts"] = iso(int(c["ts"]))
+    return out
+
+
 def _point_value(p: VitalPoint) -> float | str:
     if p.code == "acvpu":
         return ACVPU[int(p.value)]
@@ -84,6 +101,9 @@ def _point_value(p: VitalPoint) -> float | str:
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
+    from api.alerts import alert_json  # noqa: PLC0415 - api.alerts imports this module
+    from records.alerts import latest_news2, list_alerts  # noqa: PLC0415
+
     # /docs is served by dashboards/web.py from vendored Swagger UI: the default pulls it from a CDN.
     app = FastAPI(title="Vigil", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.tokens = ctx.tokens
@@ -170,8 +190,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
             "site_id": patient.site_id,
             "bed_id": patient.bed_id,
             "vitals": vitals,
-            "news2": None,  # computed by the alarm engine (issue 5); None until it runs
-            "alerts": [],
+            "news2": _news2_json(await latest_news2(ctx.db, patient_id)),
+            "alerts": [
+                alert_json(a)
+                for a in await list_alerts(ctx.db, sites=None, units=None, patient_id=patient_id, limit=100)
+            ],
             "as_of": iso(now),
         }
 
@@ -290,4 +313,4 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
 
 # Modules that add routes: each has `install(app: FastAPI, ctx: ApiContext) -> None`.
-EXTENSIONS = ("api.board", "api.clinical", "api.fhir", "api.ws", "dashboards.web")
+EXTENSIONS = ("api.alerts", "api.board", "api.clinical", "api.fhir", "api.ws", "dashboards.web")

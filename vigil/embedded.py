@@ -21,9 +21,11 @@ from gateway.ingest import Ingestor
 from gateway.mosquitto_sync import MosquittoSync
 from gateway.mqtt import MqttGateway, MqttSettings
 from gateway.registry import Registry
+from records.alerts import AlertStore, record_receipt
 from records.crypto import SecretCipher
 from records.db import Database, sqlite_url
 from records.deadletters import add_deadletters
+from records.facts import EscalationDirectory
 from records.people import ensure_admin
 from records.places import ensure_site
 from streams import topics
@@ -32,6 +34,8 @@ from streams.live import LogLiveFeed
 from streams.log import SqliteLog
 from streams.metrics import VITALS_BACKLOG
 from streams.ports import VitalsStore
+from streams.processor import Processor
+from streams.processors.admissions import AdmissionRouter
 from streams.processors.deadletters import DeadLetterSink
 from streams.processors.device import DeviceStage
 from streams.runtime import EmbeddedRuntime
@@ -41,6 +45,7 @@ from streams.timers import Ticker
 from streams.vitals.buffer import BufferedVitalsStore
 from streams.vitals.influx import InfluxVitalsStore
 from streams.vitals.sqlite import SqliteVitalsStore
+from vigil.clinical import ClinicalHost
 from vigil.ports_check import check_free
 from vigil.settings import Settings
 
@@ -83,6 +88,8 @@ class EmbeddedHub:
     _coap: CoapGateway | None = field(init=False, default=None)
     _server: uvicorn.Server | None = field(init=False, default=None)
     _ticker: Ticker | None = field(init=False, default=None)
+    _livehub: Any = field(init=False, default=None)
+    clinical: ClinicalHost = field(init=False)
     _tasks: list[asyncio.Task[Any]] = field(init=False, default_factory=list)
     _background: set[asyncio.Task[Any]] = field(init=False, default_factory=set)
 
@@ -115,10 +122,22 @@ class EmbeddedHub:
         await self.log.start()
         self.vitals, self._buffer = make_vitals_store(s, self.clock)
         await self.vitals.start()
+        self.clinical = ClinicalHost(s, self.clock)
+        self.clinical.attach(EscalationDirectory(self.db), self._connected_users)
         sink = PortEffects(
-            bus=self.log, vitals=self.vitals, deadletters=self._record_deadletters, clock=self.clock
+            bus=self.log,
+            vitals=self.vitals,
+            deadletters=self._record_deadletters,
+            clock=self.clock,
+            alerts=AlertStore(self.db),
         )
-        self.runtime = EmbeddedRuntime(self.log, sink, [DeviceStage(), DeadLetterSink()])
+        processors: list[Processor[Any]] = [
+            DeviceStage(),
+            DeadLetterSink(),
+            AdmissionRouter(),
+            self.clinical.engine,
+        ]
+        self.runtime = EmbeddedRuntime(self.log, sink, processors)
         await self.runtime.start()
         self._ticker = Ticker(self.log.append, self.log.partitions, self.clock)
         self._ticker.start()
@@ -176,10 +195,15 @@ class EmbeddedHub:
             live=LogLiveFeed(self.log),
             submit=self._submit_events,
             publish=self.log.append,
+            ruleset=self.clinical.ruleset,
+            on_receipt=self._receipt,
             readiness={"records": self.db.ping, "vitals": self.vitals.ready, "mqtt": self._mqtt_ready},
         )
+        app = create_app(ctx)
+        self._livehub = app.state.livehub
+        await self.clinical.start()
         config = uvicorn.Config(
-            create_app(ctx),
+            app,
             host=s.host,
             port=s.http_port,
             log_level="warning",
@@ -214,6 +238,7 @@ class EmbeddedHub:
                     await part.stop()
         if self._ticker is not None:
             await self._ticker.stop()
+        await self.clinical.stop()
         await self.runtime.stop()
         await self.vitals.close()
         await self.log.close()
@@ -233,6 +258,13 @@ class EmbeddedHub:
         except Exception:
             log.exception("could not bring Mosquitto's dynamic security in step with the registry; retrying")
         self._tasks.append(asyncio.create_task(sync.run(1.0), name="mosquitto-sync"))
+
+    async def _connected_users(self) -> frozenset[str]:
+        hub = self._livehub
+        return frozenset() if hub is None else hub.connected_users()
+
+    async def _receipt(self, alert_id: str, version: int, username: str, at: int) -> None:
+        await record_receipt(self.db, alert_id, version, username, at)
 
     async def _mqtt_ready(self) -> bool:
         if self._mqtt is not None:

@@ -13,7 +13,7 @@ from sqlalchemy import Connection, pool, text
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
 # Importing the model modules registers their tables in Base.metadata.
-from records import staff_models, state_models  # noqa: F401
+from records import alert_models, staff_models, state_models  # noqa: F401
 from records.models import Base
 
 # Any fixed number: every process migrating the same PostgreSQL database waits on this lock in turn.

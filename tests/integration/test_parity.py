@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -23,6 +25,7 @@ from websockets.asyncio.client import ClientConnection
 
 from tests.hub import Hub
 from tests.scaled_hub import ScaledHub
+from vigil.settings import DEFAULT_CONFIG_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,11 +38,36 @@ BASE_MS = (time.time_ns() // 1_000_000 // HOUR_MS - 48) * HOUR_MS  # device time
 _minutes = itertools.count(1)
 
 
+FAST_ESCALATION = """
+version: 1
+default:
+  levels:
+    - {after_s: 0, notify: [assignee]}
+    - {after_s: 6, notify: ["role:charge_nurse"]}
+    - {after_s: 12, notify: ["group:rapid_response"]}
+  repeat_s: 6
+"""
+
+
+def test_config(root: Path) -> dict[str, str]:
+    """The shipped rules with a faster escalation, so escalation tests take seconds, not minutes."""
+    conf = root / "config"
+    conf.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DEFAULT_CONFIG_DIR / "rules.yaml", conf / "rules.yaml")
+    (conf / "escalation.yaml").write_text(FAST_ESCALATION)
+    return {"VIGIL_CONFIG_DIR": str(conf)}
+
+
 @pytest.fixture(scope="module", params=["embedded", "scaled"])
 def hub(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnyHub]:
     """The hub of one runtime, started once for the module."""
     root = tmp_path_factory.mktemp(f"parity-{request.param}")
-    h: AnyHub = Hub(root / "hub") if request.param == "embedded" else ScaledHub(root / "hub")
+    env = test_config(root)
+    h: AnyHub = (
+        Hub(root / "hub", env_extra=env)
+        if request.param == "embedded"
+        else ScaledHub(root / "hub", env_extra=env)
+    )
     h.start()
     try:
         yield h
@@ -161,9 +189,7 @@ def test_an_admission_change_reattributes_later_readings(hub: AnyHub) -> None:
     r = hub.api("PUT", "/api/v1/beds/par-4/patient", json={"patient_id": "PP-NEW"})
     assert r.status_code == 200, r.text
     assert r.json()["previous_patient_id"] == "PP-OLD"
-    # Scaled: each gateway reloads its registry within a second of a change (docs/ARCHITECTURE.md), so a
-    # reading sent at once may still go to the old patient (seen without this pause); embedded: at once.
-    time.sleep(1.5)
+    # At once in both runtimes: the scaled gateways follow admissions and fence on them (docs/SCALING.md).
     dev.send(obs({"code": "hr", "value": 62}, seq=2, boot="bed", ts=start + 1000))
 
     [new] = until(hub, lambda: in_window(hub, "PP-NEW", "hr", start))
@@ -241,3 +267,109 @@ async def test_a_websocket_client_sees_live_vitals_and_resumes_with_its_last_id(
     assert [_hr(m) for m in replayed if m.get("type") == "vitals"] == [99]
     await ws.close()
     await watcher.close()
+
+
+# -- alarms ----------------------------------------------------------------------------------------------
+
+
+class Ward:
+    """A unit with a monitored bed, its assigned nurse and charge nurse, each with a token."""
+
+    def __init__(self, hub: AnyHub, tag: str) -> None:
+        self.hub, self.unit = hub, f"par-alarm-{tag}"
+        self.bed, self.patient = f"par-al-{tag}", f"PA-{tag}"
+        self.dev = Device(hub, f"par-mon-al-{tag}", self.bed, self.patient, unit=self.unit)
+        self.tokens: dict[str, str] = {}
+        for role in ("nurse", "charge_nurse"):
+            name = f"par-{role}-{tag}".replace("_", "-")
+            out = hub.add_user(name, role, "--unit", self.unit, "--password", "s3cret-pass")
+            self.tokens[role] = hub.token(str(out["username"]), "s3cret-pass")
+        self.nurse = f"par-nurse-{tag}"
+        r = hub.api("PUT", f"/api/v1/beds/{self.bed}/assignment", json={"username": self.nurse})
+        assert r.status_code == 200, r.text
+
+    def desaturate(self, value: float, seconds: int, *, seq: int, start: int) -> int:
+        for i in range(seconds):
+            item = ({"code": "spo2", "value": value}, {"code": "hr", "value": 88})
+            self.dev.send(obs(*item, seq=seq + i, boot="alarm", ts=start + i * 1000))
+        return seq + seconds
+
+
+def _alert(m: Msg, condition: str, **want: Any) -> bool:
+    d = m.get("data", {})
+    return (
+        m.get("type") == "alert"
+        and d.get("condition") == condition
+        and all(d.get(k) == v for k, v in want.items())
+    )
+
+
+async def test_a_desaturation_alarms_the_nurse_who_acknowledges_it_and_it_closes_on_recovery(
+    hub: AnyHub,
+) -> None:
+    ward = Ward(hub, "desat")
+    nurse = await _connect(hub, ward.tokens["nurse"])
+    await _subscribe(nurse, f"unit:{ward.unit}")
+    start = now_ms() - 40_000
+    seq = await asyncio.to_thread(ward.desaturate, 70, 20, seq=1, start=start)
+    frame = await _until(nurse, lambda m: _alert(m, "spo2_critical", status="active_unack"))
+    alert = frame["data"]
+    assert (alert["priority"], alert["patient_id"], alert["bed_id"]) == ("high", ward.patient, ward.bed)
+
+    listed = hub.api("GET", "/api/v1/alerts", params={"status": "active"}, token=ward.tokens["nurse"])
+    assert alert["id"] in [a["id"] for a in listed.json()["items"]]
+    r = hub.api("POST", f"/api/v1/alerts/{alert['id']}/ack", token=ward.tokens["nurse"])
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "active_ack"
+    await _until(nurse, lambda m: _alert(m, "spo2_critical", id=alert["id"], status="active_ack"))
+
+    await asyncio.to_thread(ward.desaturate, 97, 4, seq=seq, start=start + 20_000)
+    await _until(nurse, lambda m: _alert(m, "spo2_critical", id=alert["id"], status="closed"))
+    detail = hub.api("GET", f"/api/v1/alerts/{alert['id']}", token=ward.tokens["nurse"]).json()
+    acks = [v for v in detail["history"] if v["to_status"] == "active_ack"]
+    assert [v["by"] for v in acks] == [ward.nurse]
+    await nurse.close()
+
+
+async def test_an_unanswered_alarm_escalates_to_the_charge_nurse_across_a_restart(hub: AnyHub) -> None:
+    ward = Ward(hub, "esc")
+    nurse = await _connect(hub, ward.tokens["nurse"])
+    charge = await _connect(hub, ward.tokens["charge_nurse"])
+    await asyncio.sleep(2.5)  # presence: the escalation facts see both connected
+    start = now_ms() - 40_000
+    await asyncio.to_thread(ward.desaturate, 70, 20, seq=1, start=start)
+    page = await _until(nurse, lambda m: m.get("type") == "page")
+    alert_id = page["data"]["alert_id"]
+    hub.kill9()  # mid-escalation: the pending step must survive
+    hub.start()
+    charge = await _connect(hub, ward.tokens["charge_nurse"])
+    got = await _until(charge, lambda m: m.get("type") == "page" and m["data"]["alert_id"] == alert_id, 45)
+    assert got["data"]["level"] >= 1
+    pages = hub.api("GET", f"/api/v1/alerts/{alert_id}", token=ward.tokens["nurse"]).json()["pages"]
+    steps = [p["step"] for p in pages]
+    assert steps == sorted(set(steps)), "a step was paged twice"
+    await charge.close()
+    await nurse.close()
+
+
+async def test_a_transfer_mid_alarm_closes_it_with_the_reason(hub: AnyHub) -> None:
+    ward = Ward(hub, "xfer")
+    start = now_ms() - 40_000
+    await asyncio.to_thread(ward.desaturate, 70, 20, seq=1, start=start)
+
+    def open_alert() -> Any:
+        r = hub.api("GET", "/api/v1/alerts", params={"status": "active", "patient_id": ward.patient})
+        items = [a for a in r.json()["items"] if a["condition"] == "spo2_critical"]
+        return items[0] if items else None
+
+    alert = until(hub, open_alert)
+    hub.add_device("par-mon-al-xfer2", "monitor", "--unit", ward.unit, "--bed", "par-al-xfer2")
+    r = hub.api("PUT", "/api/v1/beds/par-al-xfer2/patient", json={"patient_id": ward.patient})
+    assert r.status_code == 200, r.text
+
+    def closed() -> Any:
+        a = hub.api("GET", f"/api/v1/alerts/{alert['id']}").json()
+        return a if a["status"] == "closed" else None
+
+    done = until(hub, closed)
+    assert done["history"][-1]["reason"] == "transfer"

@@ -13,6 +13,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from records import alert_models  # noqa: F401  (its tables are in Base.metadata)
 from records.admissions import admit, admit_all, bed_of_patient, current_patient, discharge, free_bed
 from records.audit import audit, list_audit
 from records.crypto import SecretCipher
