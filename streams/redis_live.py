@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from streams.clock import Clock
 from streams.live import LiveRecord
 from streams.ports import VitalPoint, VitalsStore
 from streams.schemas import Alert, Event, LiveUpdate, decode, encode
@@ -313,3 +314,32 @@ class RedisLiveTee:
         if events:
             await self._latest.write(e for e in events if isinstance(e, LiveUpdate))
             await self._writer.append(events)
+
+
+PRESENCE_KEY = "vigil:presence"
+PRESENCE_TTL_MS = 10_000  # a node that stops refreshing (killed) drops its users after this
+
+
+class RedisPresence:
+    """Who has a websocket open on any API node: a sorted set of usernames scored by last refresh (ms).
+
+    API nodes `publish` their users every couple of seconds; workers read `connected` for escalation
+    ("nobody connected escalates at once").
+    """
+
+    def __init__(self, redis: Any, clock: Clock) -> None:
+        self._redis = redis
+        self._clock = clock
+
+    async def publish(self, users: frozenset[str]) -> None:
+        now = self._clock.now_ms()
+        pipe = self._redis.pipeline(transaction=False)
+        if users:
+            pipe.zadd(PRESENCE_KEY, dict.fromkeys(users, now))
+        pipe.zremrangebyscore(PRESENCE_KEY, "-inf", now - PRESENCE_TTL_MS)
+        await pipe.execute()
+
+    async def connected(self) -> frozenset[str]:
+        now = self._clock.now_ms()
+        raw = await self._redis.zrangebyscore(PRESENCE_KEY, now - PRESENCE_TTL_MS, "+inf")
+        return frozenset(r.decode() if isinstance(r, bytes) else str(r) for r in raw)

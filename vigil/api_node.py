@@ -21,25 +21,44 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from redis.asyncio import Redis
 
+from alerting.rules import Ruleset
+from alerting.rules_schema import RulesFile
 from api.app import ApiContext, create_app
 from api.auth import TokenIssuer, load_key
+from records.alerts import record_receipt
 from records.db import Database
 from streams import topics
 from streams.clock import Clock, SystemClock
 from streams.kafka import KafkaBus, KafkaSettings, bootstrap_servers
 from streams.ports import VitalsStore
-from streams.redis_live import LatestFromRedis, RedisLatest, RedisLiveFeed
+from streams.redis_live import LatestFromRedis, RedisLatest, RedisLiveFeed, RedisPresence
 from streams.schemas import AdmissionChange, Event, encode
 from vigil.ports_check import check_free
 from vigil.serve import serve
 from vigil.settings import Settings
 
 log = logging.getLogger(__name__)
+
+PRESENCE_EVERY_S = 2.0
+
+
+class RulesView:
+    """The rules file as an API node shows it (GET /rules, limit checks), reloaded when it changes."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = RulesFile(path)
+        self._file.reload_if_changed()
+
+    def ruleset(self) -> Ruleset:
+        self._file.reload_if_changed()  # a stat per call: cheap, and these calls are rare
+        return self._file.current
+
 
 API_TOPICS = (topics.INGEST, topics.ADMISSIONS, topics.CLINICAL)  # what an API node writes
 
@@ -106,6 +125,8 @@ class ApiNode:
         await self.bus.start()
         self._started.append("bus")
 
+        self._rules = RulesView(s.config_dir / "rules.yaml")
+        self.presence = RedisPresence(self.redis, self.clock)
         ctx = ApiContext(
             db=self.db,
             vitals=self.vitals,
@@ -115,6 +136,8 @@ class ApiNode:
             live=self.live,
             submit=self._submit,
             publish=self.bus.append,
+            ruleset=self._rules.ruleset,
+            on_receipt=self._receipt,
             readiness={
                 "records": self.db.ping,
                 "redis": self._redis_ready,
@@ -134,6 +157,7 @@ class ApiNode:
                 raise SystemExit(f"vigil api: the HTTP server did not start on VIGIL_HTTP_PORT {s.http_port}")
             await asyncio.sleep(0.02)
         self._hub = app.state.livehub
+        self._presence_task = asyncio.create_task(self._presence_loop(), name="presence")
         log.info("vigil api node ready on http://%s:%d", s.host, s.http_port)
 
     async def _redis_ready(self) -> bool:
@@ -141,6 +165,20 @@ class ApiNode:
             return await asyncio.wait_for(self.live.ping(), 2.0)
         except Exception:
             return False
+
+    async def _presence_loop(self) -> None:
+        """Tell the workers who is connected here (escalation skips a level nobody of which is)."""
+        while True:
+            try:
+                await self.presence.publish(self._hub.connected_users())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("vigil api: presence not published (Redis?)", exc_info=True)
+            await asyncio.sleep(PRESENCE_EVERY_S)
+
+    async def _receipt(self, alert_id: str, version: int, username: str, at: int) -> None:
+        await record_receipt(self.db, alert_id, version, username, at)
 
     async def _submit(self, events: Sequence[Event]) -> None:
         await self.bus.append(
@@ -151,6 +189,9 @@ class ApiNode:
         await self.bus.append([(topics.ADMISSIONS, change.site_id, encode(change))])
 
     async def stop(self) -> None:
+        task = getattr(self, "_presence_task", None)
+        if task is not None:
+            task.cancel()
         if self._server is not None:
             self._server.should_exit = True
         if self._task is not None:

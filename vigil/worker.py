@@ -41,8 +41,10 @@ from typing import Any, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
+from records.alerts import AlertStore
 from records.db import Database
 from records.deadletters import add_deadletters
+from records.facts import EscalationDirectory
 from streams import topics
 from streams.clock import Clock, SystemClock
 from streams.effects import Effect, EffectSink
@@ -51,6 +53,7 @@ from streams.metrics import PROCESSOR_ERRORS, REGISTRY
 from streams.pgstate import SqlStateStore
 from streams.ports import LogRecord, VitalsStore
 from streams.processor import Processor
+from streams.processors.admissions import AdmissionRouter
 from streams.processors.deadletters import DeadLetterSink
 from streams.processors.device import DeviceStage
 from streams.redis_live import (
@@ -59,11 +62,13 @@ from streams.redis_live import (
     RedisLatest,
     RedisLiveTee,
     RedisLiveWriter,
+    RedisPresence,
 )
 from streams.schemas import DeadLetter, decode
 from streams.sink import PortEffects
 from streams.timers import DueIndex, TimedProcessor, build_index, step_one
 from streams.vitals.sqlite import SqliteVitalsStore
+from vigil.clinical import ClinicalHost
 from vigil.ports_check import check_free
 from vigil.settings import Settings
 
@@ -277,6 +282,7 @@ class Services:
     redis: Any = None
     vitals: VitalsStore | None = None
     sink: EffectSink | None = None
+    clinical: ClinicalHost | None = None
     _lock: asyncio.Lock | None = None
 
     def started(self) -> bool:
@@ -311,8 +317,16 @@ class Services:
             appender: Any = self.bus
             if s.redis_url:
                 appender = self._redis_tee(s.redis_url, self.bus)
+            if self.clinical is not None:
+                presence = self._presence(s.redis_url)
+                self.clinical.attach(EscalationDirectory(db), presence)
+                await self.clinical.start()
             sink: EffectSink = PortEffects(
-                bus=appender, vitals=self.vitals, deadletters=deadletters, clock=self.clock
+                bus=appender,
+                vitals=self.vitals,
+                deadletters=deadletters,
+                clock=self.clock,
+                alerts=AlertStore(db),
             )
             failures = int(self.env.get(FAIL_BATCHES_ENV, "0") or 0)
             if failures > 0:
@@ -321,6 +335,20 @@ class Services:
                 )
                 sink = FailingFirst(sink, failures)
             self.sink = sink
+
+    def _presence(self, url: str | None) -> Callable[[], Awaitable[frozenset[str]]]:
+        """Who is connected to any API node (Redis), for escalation; nobody without Redis."""
+        if not url:
+
+            async def nobody() -> frozenset[str]:
+                return frozenset()
+
+            return nobody
+        from redis.asyncio import Redis  # noqa: PLC0415
+
+        if self.redis is None:
+            self.redis = Redis.from_url(url)
+        return RedisPresence(self.redis, self.clock).connected
 
     def _redis_tee(self, url: str, bus: KafkaBus) -> RedisLiveTee:
         from redis.asyncio import Redis  # noqa: PLC0415
@@ -471,9 +499,16 @@ def main(settings: Settings, env: dict[str, str] | None = None) -> None:
     import faust  # noqa: PLC0415
 
     services = Services(settings, e)
+    services.clinical = ClinicalHost(settings, services.clock)
+    processors: tuple[Processor[Any], ...] = (
+        DeviceStage(),
+        DeadLetterSink(),
+        AdmissionRouter(),
+        services.clinical.engine,
+    )
     runners = [
         BatchRunner(proc, services.the_store, services.the_sink, prepare=services.prepare)
-        for proc in (DeviceStage(), DeadLetterSink())
+        for proc in processors
     ]
     app = build_app(settings, runners)
     if settings.http_port:
