@@ -1,9 +1,11 @@
 """The live fan-out hub: latest state per bed and patient, the vitals merge window, routing by topic.
 
-The pure parts (`parse_topic`, `refusal`, `resume_decision`, `LatestState`, `VitalsMerger`, `Subscriptions`)
-take the time as an argument and do no I/O, so they are tested without sockets or sleeping. `LiveHub` runs
-them on the event loop: it tails the live feed and pushes frames, encoded once per topic, into each client's
-bounded queue (`LiveClient`); `api/ws.py` moves frames between that queue and the socket.
+The pure parts (`parse_topic`, `refusal`, `resume_decision`, `LatestState`, `AlertBook`, `VitalsMerger`,
+`Subscriptions`) take the time as an argument and do no I/O, so they are tested without sockets or sleeping.
+`LiveHub` runs them on the event loop: it tails the live feed and pushes frames, encoded once per topic, into
+each client's bounded queue (`LiveClient`); `api/ws.py` moves frames between that queue and the socket.
+Alerts follow IHE PCD ACM's report, disseminate, status: each new version to its places' subscribers, pages
+to the named users, receipts back (`api/ws.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import heapq
 import logging
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +27,7 @@ from api.auth import CLINICAL_ROLES, Principal
 from streams.clock import Clock
 from streams.codes import ACVPU, resolve_code
 from streams.live import LiveFeed, LiveRecord
-from streams.schemas import Alert, LiveUpdate, ObsItem
+from streams.schemas import Alert, AlertPage, LiveUpdate, ObsItem
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,9 @@ QUEUE_LIMIT = 1000  # frames waiting for one client; beyond it the client is clo
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_UNAUTHORISED = 4401
 YIELD_EVERY = 100  # live records applied between yields to the client writers (each may add 3 frames)
+ALERT_MEMORY = 50_000  # alert ids whose latest version is remembered (upstream emits are at-least-once)
+PAGE_MEMORY = 50_000  # page keys already pushed, and receipts already timed
+VERSIONS_KEPT = 16  # per alert, the versions whose updated_at a receipt can be timed against
 
 PLACE_KINDS = ("patient", "bed", "unit")
 _TOPIC = re.compile(r"^(patient|bed|unit|queue|consult):([A-Za-z0-9._:-]{1,64})$")
@@ -126,8 +131,8 @@ class Push:
     """One server message before its topic is known: `data` is encoded once for every topic and client."""
 
     cursor: int
-    kind: str  # vitals, device, pump, alert
-    topics: tuple[str, ...]  # where it is routed: patient:P, bed:B, unit:U (or alerts)
+    kind: str  # vitals, device, pump, news2, alert, page
+    topics: tuple[str, ...]  # where it is routed: patient:P, bed:B, unit:U (and alerts for an alert)
     site_id: str
     unit_id: str | None
     data: str  # the JSON of the `data` object
@@ -221,7 +226,9 @@ def state_push(cursor: int, u: LiveUpdate) -> Push:
 
 
 def alert_push(cursor: int, a: Alert) -> Push:
-    data = {
+    """One alert version, to `alerts` and to its patient, bed and unit: the contract's fields, where it is,
+    and what the rule saw (label, value, unit, device, what inhibits it) when the engine said."""
+    data: dict[str, Any] = {
         "id": a.id,
         "version": a.version,
         "patient_id": a.patient_id,
@@ -237,7 +244,66 @@ def alert_push(cursor: int, a: Alert) -> Push:
         "retrospective": a.retrospective,
         "silenced_until": None if a.silenced_until is None else iso(a.silenced_until),
     }
-    return Push(cursor, "alert", ("alerts",), a.site_id, a.unit_id, orjson.dumps(data).decode())
+    for name in ALERT_DETAIL:
+        if name in a.detail:
+            data[name] = a.detail[name]
+    return Push(cursor, "alert", alert_route(a), a.site_id, a.unit_id, orjson.dumps(data).decode())
+
+
+ALERT_DETAIL = ("label", "value", "unit", "device_id", "inhibited_by")
+
+
+def alert_route(a: Alert) -> tuple[str, ...]:
+    out = ["alerts"]
+    if a.patient_id:
+        out.append(f"patient:{a.patient_id}")
+    if a.bed_id:
+        out.append(f"bed:{a.bed_id}")
+    if a.unit_id:
+        out.append(f"unit:{a.unit_id}")
+    return tuple(out)
+
+
+def page_frame(cursor: int, page: AlertPage, username: str) -> str:
+    """A page to one user, on each of its connections whatever they subscribed to (topic `user:NAME`)."""
+    data = {
+        "alert_id": page.alert_id,
+        "alert_version": page.alert_version,
+        "step": page.step,
+        "level": page.level,
+        "recipients": list(page.recipients),
+        "site_id": page.site_id,
+        "unit_id": page.unit_id,
+        "bed_id": page.bed_id,
+        "patient_id": page.patient_id,
+        "condition": page.condition,
+        "priority": page.priority,
+        "at": iso(page.at),
+    }
+    return Push(cursor, "page", (), page.site_id, page.unit_id, orjson.dumps(data).decode()).frame(
+        f"user:{username}"
+    )
+
+
+def news2_json(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine's NEWS2 result with its times (the score's and each component's) as RFC 3339."""
+    out = dict(result)
+    if isinstance(out.get("ts"), int):
+        out["ts"] = iso(out["ts"])
+    components = out.get("components")
+    if isinstance(components, dict):
+        out["components"] = {
+            k: {**c, "ts": iso(c["ts"])} if isinstance(c, dict) and isinstance(c.get("ts"), int) else c
+            for k, c in components.items()
+        }
+    return out
+
+
+def news2_push(cursor: int, u: LiveUpdate) -> Push:
+    data = _envelope(u)
+    del data["device_id"]
+    data["news2"] = news2_json(u.detail.get("news2") or {})
+    return Push(cursor, "news2", route(u), u.site_id, u.unit_id, orjson.dumps(data).decode())
 
 
 # -- latest state ----------------------------------------------------------------------------------------
@@ -253,6 +319,7 @@ class PlaceState:
     vitals_newest: LiveUpdate | None = None
     devices: dict[str, tuple[int, LiveUpdate]] = field(default_factory=dict)  # device status per device
     pumps: dict[str, tuple[int, LiveUpdate]] = field(default_factory=dict)
+    news2: tuple[int, LiveUpdate] | None = None  # the newest NEWS2 of the patient (in this bed)
 
     def pushes(self, after: int = -1) -> list[Push]:
         """This place's state as messages, those with a cursor after `after`, oldest first."""
@@ -262,16 +329,21 @@ class PlaceState:
         for cursor, u in (*self.devices.values(), *self.pumps.values()):
             if cursor > after:
                 out.append(state_push(cursor, u))
+        if self.news2 is not None and self.news2[0] > after:
+            out.append(news2_push(*self.news2))
         out.sort(key=lambda p: p.cursor)
         return out
 
 
 class LatestState:
-    """Latest state per bed and per patient (and per device bound to neither), warmed from the live feed."""
+    """Latest state per bed and per patient (and per device bound to neither), warmed from the live feed,
+    and the open alerts of each patient, bed and unit."""
 
     def __init__(self) -> None:
         self._places: dict[str, PlaceState] = {}
         self._by_unit: dict[str, set[str]] = {}
+        self._open: dict[str, tuple[int, Alert]] = {}  # alert id -> (cursor, newest version), not closed
+        self._open_at: dict[str, set[str]] = {}  # patient:P, bed:B, unit:U -> open alert ids
 
     def apply(self, cursor: int, u: LiveUpdate) -> None:
         keys = [state_key(u)]
@@ -291,6 +363,42 @@ class LatestState:
                 st.devices[u.device_id] = (cursor, u)
             elif u.kind == "pump":
                 st.pumps[u.device_id] = (cursor, u)
+            elif u.kind == "news2":
+                st.news2 = (cursor, u)
+
+    def apply_alert(self, cursor: int, a: Alert) -> None:
+        """Keep the newest version of each open alert with its places; a closed one is forgotten.
+
+        Call it with new versions only (`AlertBook.offer`): an older one would reopen a closed alert.
+        """
+        seen = self._open.pop(a.id, None)
+        if seen is not None:
+            for key in alert_route(seen[1])[1:]:
+                ids = self._open_at.get(key)
+                if ids is not None:
+                    ids.discard(a.id)
+                    if not ids:
+                        del self._open_at[key]
+        if a.status == "closed":
+            return
+        self._open[a.id] = (cursor, a)
+        for key in alert_route(a)[1:]:
+            self._open_at.setdefault(key, set()).add(a.id)
+
+    def open_alerts(self, topic: Topic, beds: Mapping[str, str | None]) -> list[Push]:
+        """The open alerts a new subscriber of `topic` is sent, oldest change first.
+
+        On a bed or unit, a patient's alert shows only while the patient is in that bed (`beds`), as values
+        do.
+        """
+        out = []
+        for alert_id in self._open_at.get(topic.name, ()):
+            cursor, a = self._open[alert_id]
+            if topic.kind != "patient" and a.bed_id and a.patient_id and beds.get(a.bed_id) != a.patient_id:
+                continue
+            out.append(alert_push(cursor, a))
+        out.sort(key=lambda p: p.cursor)
+        return out
 
     def _index(self, key: str, old: str | None, new: str | None) -> None:
         if old != new and old is not None:
@@ -302,7 +410,8 @@ class LatestState:
         return self._places.get(key)
 
     def pushes(self, topic: Topic, beds: Mapping[str, str | None], after: int = -1) -> list[Push]:
-        """The latest state a subscriber of `topic` is sent; `beds` maps each bed concerned to its patient.
+        """The latest state a subscriber of `topic` is sent (alerts apart: `open_alerts`); `beds` maps each
+        bed concerned to its patient.
 
         A bed's state is sent only while the bed holds the patient it was recorded for, so a discharged or
         transferred patient's values never show on the bed's next occupant.
@@ -330,6 +439,67 @@ class LatestState:
         if st is None or bed_id not in beds or beds[bed_id] != st.newest.patient_id:
             return []
         return st.pushes(after)
+
+
+@dataclass(slots=True)
+class KnownAlert:
+    """What the hub remembers of an alert: where it is, its newest version, when recent versions changed."""
+
+    site_id: str
+    unit_id: str | None
+    version: int
+    updated_at: dict[int, int]  # version -> updated_at (ms), the newest `VERSIONS_KEPT`
+
+
+class AlertBook:
+    """The newest version seen per alert id, bounded (the oldest-changed alert is forgotten first)."""
+
+    def __init__(self, limit: int = ALERT_MEMORY) -> None:
+        self._limit = limit
+        self._alerts: OrderedDict[str, KnownAlert] = OrderedDict()
+
+    def offer(self, a: Alert) -> bool:
+        """True for a new version; False for one seen already or older (at-least-once emits upstream)."""
+        known = self._alerts.get(a.id)
+        if known is not None and known.version >= a.version:
+            return False
+        if known is None:
+            known = self._alerts[a.id] = KnownAlert(a.site_id, a.unit_id, a.version, {})
+            if len(self._alerts) > self._limit:
+                self._alerts.popitem(last=False)
+        else:
+            self._alerts.move_to_end(a.id)
+        known.site_id, known.unit_id, known.version = a.site_id, a.unit_id, a.version
+        known.updated_at[a.version] = a.updated_at
+        if len(known.updated_at) > VERSIONS_KEPT:
+            del known.updated_at[min(known.updated_at)]
+        return True
+
+    def get(self, alert_id: str) -> KnownAlert | None:
+        return self._alerts.get(alert_id)
+
+    def __len__(self) -> int:
+        return len(self._alerts)
+
+
+class BoundedSet:
+    """Keys seen lately (page keys, receipts), forgetting the oldest beyond `limit`."""
+
+    def __init__(self, limit: int = PAGE_MEMORY) -> None:
+        self._limit = limit
+        self._keys: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, key: str) -> bool:
+        """True the first time `key` is seen."""
+        if key in self._keys:
+            return False
+        self._keys[key] = None
+        if len(self._keys) > self._limit:
+            self._keys.popitem(last=False)
+        return True
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
 
 
 # -- merging ---------------------------------------------------------------------------------------------
@@ -503,7 +673,7 @@ def deliver(subs: Subscriptions, pushes: Iterable[Push]) -> list[LiveClient]:
 
 class LiveHub:
     """One per API process: tails the live feed from its oldest record (so latest state survives a restart),
-    then follows it, merging vitals and routing every update to its subscribers."""
+    then follows it, merging vitals, routing every update to its subscribers and every page to its users."""
 
     def __init__(
         self, feed: LiveFeed, clock: Clock, *, window_s: float = MERGE_WINDOW_S, batch: int = 1000
@@ -515,6 +685,10 @@ class LiveHub:
         self.merger = VitalsMerger(window_s)
         self.subs = Subscriptions()
         self.position = -1  # the newest cursor applied: later ones reach subscribers live
+        self.alerts = AlertBook()
+        self.receipts = BoundedSet()  # (alert, version, user) receipts already timed on this node
+        self._pages = BoundedSet()  # page keys already pushed
+        self._users: dict[str, set[LiveClient]] = {}  # connections per username, for pages and presence
         self._warm: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -544,18 +718,34 @@ class LiveHub:
         """Follow `topics` and queue their latest state, in one step so that no update falls between."""
         self.subs.add(client, (t.name for t in topics))
         for t in topics:
-            for p in self.state.pushes(t, beds):
+            pushes = self.state.pushes(t, beds) + self.state.open_alerts(t, beds)
+            pushes.sort(key=lambda p: p.cursor)
+            for p in pushes:
                 if not client.push(p.frame(t.name)):
                     return
 
     def unsubscribe(self, client: LiveClient, topics: Iterable[str]) -> None:
         self.subs.remove(client, topics)
 
+    def attach(self, client: LiveClient) -> None:
+        """A connection of `client.principal.username`: it receives that user's pages."""
+        self._users.setdefault(client.principal.username, set()).add(client)
+
     def detach(self, client: LiveClient) -> None:
         self.subs.drop(client)
+        users = self._users.get(client.principal.username)
+        if users is not None:
+            users.discard(client)
+            if not users:
+                del self._users[client.principal.username]
+
+    def connected_users(self) -> frozenset[str]:
+        """Usernames with an open websocket on this node (escalation: nobody connected escalates at once)."""
+        return frozenset(self._users)
 
     async def replay(self, client: LiveClient, after: int, beds: Mapping[str, str | None]) -> None:
-        """After a resume: the latest state changed after `after`, then every alert after it in full."""
+        """After a resume: the latest state changed after `after`, then every alert version after it in full
+        (to `alerts` and to the client's patient, bed and unit topics) and every page to its user."""
         position = self.position  # later records reach the client live: none is sent twice
         for name in sorted(client.topics):
             t = parse_topic(name)
@@ -563,8 +753,9 @@ class LiveHub:
                 for p in self.state.pushes(t, beds, after):
                     if not client.push(p.frame(name)):
                         return
-        if "alerts" not in client.topics:
-            return
+        user = client.principal.username
+        versions: dict[str, int] = {}  # the feed may repeat a version: each is sent once
+        pages = BoundedSet()
         cursor = after
         while cursor < position:
             records = await self._feed.after(cursor, self._batch)
@@ -573,8 +764,24 @@ class LiveHub:
             for r in records:
                 if r.cursor > position:
                     return
-                if isinstance(r.event, Alert) and client.principal.sees(r.event.site_id, r.event.unit_id):
-                    client.push(alert_push(r.cursor, r.event).frame("alerts"))
+                event = r.event
+                if isinstance(event, Alert):
+                    if versions.get(event.id, 0) >= event.version:
+                        continue
+                    versions[event.id] = event.version
+                    if not client.principal.sees(event.site_id, event.unit_id):
+                        continue
+                    push = alert_push(r.cursor, event)
+                    for topic in push.topics:
+                        if topic in client.topics and not client.push(push.frame(topic)):
+                            return
+                elif (
+                    isinstance(event, AlertPage)
+                    and user in event.recipients
+                    and pages.add(event.key)
+                    and not client.push(page_frame(r.cursor, event, user))
+                ):
+                    return
             cursor = records[-1].cursor
             await asyncio.sleep(0)  # let the writer drain before the next page
 
@@ -634,13 +841,36 @@ class LiveHub:
                 return
             if event.kind == "vitals":
                 pushes = self.merger.offer(record.cursor, event, self._clock.monotonic())
+            elif event.kind == "news2":
+                pushes = [news2_push(record.cursor, event)]
             else:
                 pushes = [state_push(record.cursor, event)]
-        elif isinstance(event, Alert) and live:
+        elif isinstance(event, Alert):
+            if not self.alerts.offer(event):
+                return
+            self.state.apply_alert(record.cursor, event)
+            if not live:
+                return
             pushes = [alert_push(record.cursor, event)]
+        elif isinstance(event, AlertPage):
+            # A skipped level names nobody; a page seen during warm-up is history, not news.
+            if event.recipients and self._pages.add(event.key) and live:
+                self._page(record.cursor, event)
+            return
         else:
             return
         deliver(self.subs, pushes)
+
+    def _page(self, cursor: int, page: AlertPage) -> None:
+        """To every connection of each recipient: the escalation policy named them, so no topic is needed."""
+        for user in dict.fromkeys(page.recipients):
+            clients = self._users.get(user)
+            if not clients:
+                continue
+            frame = page_frame(cursor, page, user)
+            for c in list(clients):
+                if not c.push(frame):
+                    self.detach(c)
 
     def _arm_timer(self) -> None:
         due = self.merger.next_due()

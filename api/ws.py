@@ -36,7 +36,7 @@ from api.livehub import (
 from records.db import Database, transaction
 from records.models import Admission, Bed, Unit
 from records.places import get_bed, get_patient
-from streams.metrics import WS_CONNECTIONS
+from streams.metrics import ALERT_DELIVERY, WS_CONNECTIONS
 
 if TYPE_CHECKING:
     from api.app import ApiContext
@@ -134,6 +134,7 @@ class Connection:
             return
         self._hub.start()
         client = LiveClient(principal)
+        self._hub.attach(client)
         expiry = self._expire_at(token, client)
         WS_CONNECTIONS.inc()
         tasks: list[asyncio.Future[Any]] = [
@@ -198,6 +199,8 @@ class Connection:
             client.push(control_frame("unsubscribed", topics=names))
         elif name == "resume":
             await self._resume(client, op.get("after"))
+        elif name == "receipt":
+            await self._receipt(client, op.get("alert_id"), op.get("version"))
         else:
             client.push(control_frame("error", code="bad_request", message=f"unknown op {name!r}"))
 
@@ -246,6 +249,47 @@ class Connection:
                 self._refuse(client, name, why)
             beds.update(where)
         await self._hub.replay(client, after, beds)
+
+    async def _receipt(self, client: LiveClient, alert_id: object, version: object) -> None:
+        """The client showed this alert version to its user (ACM status): record it, time delivery once."""
+        if (
+            not isinstance(alert_id, str)
+            or not 0 < len(alert_id) <= 255
+            or isinstance(version, bool)
+            or not isinstance(version, int)
+        ):
+            client.push(
+                control_frame("error", code="bad_request", message="a receipt names alert_id and version")
+            )
+            return
+        await self._hub.ready()
+        known = self._hub.alerts.get(alert_id)
+        p = client.principal
+        if known is None or not p.sees(known.site_id, known.unit_id) or not 0 < version <= known.version:
+            # An unknown alert and one of another site or unit get the same answer.
+            client.push(
+                control_frame("error", code="not_found", alert_id=alert_id, message="no such alert version")
+            )
+            return
+        now = self._ctx.clock.now_ms()
+        if self._ctx.on_receipt is not None:
+            try:
+                await self._ctx.on_receipt(alert_id, version, p.username, now)
+            except Exception:
+                log.exception("websocket: recording the receipt of %s v%d failed", alert_id, version)
+                client.push(
+                    control_frame(
+                        "error",
+                        code="unavailable",
+                        alert_id=alert_id,
+                        message="receipt not recorded; send again",
+                    )
+                )
+                return
+        updated_at = known.updated_at.get(version)
+        if updated_at is not None and self._hub.receipts.add(f"{alert_id}/{version}/{p.username}"):
+            ALERT_DELIVERY.observe(max(0, now - updated_at) / 1000)
+        client.push(control_frame("receipt", alert_id=alert_id, version=version))
 
     async def _check(
         self, principal: Principal, topic: Topic

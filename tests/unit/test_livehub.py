@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import orjson
 import pytest
@@ -12,6 +12,8 @@ import pytest
 from api.auth import Principal
 from api.livehub import (
     CLOSE_SLOW_CONSUMER,
+    VERSIONS_KEPT,
+    AlertBook,
     LatestState,
     LiveClient,
     LiveHub,
@@ -28,7 +30,7 @@ from api.livehub import (
 )
 from streams.clock import ManualClock
 from streams.live import LiveRecord
-from streams.schemas import Alert, Event, LiveUpdate, ObsItem
+from streams.schemas import Alert, AlertPage, Event, LiveUpdate, ObsItem
 
 T0 = 1_795_428_000_000
 NURSE = Principal("n", "nurse", frozenset({"north"}), frozenset({"icu"}))
@@ -72,6 +74,80 @@ def status(*, bed: str = "icu-1", patient: str | None = "P-1", battery: float = 
         device_id="mon-1",
         conditions=("lead_off",),
         battery=battery,
+    )
+
+
+def alert(
+    version: int = 1,
+    *,
+    id: str = "P-1~spo2_low~1795428000000",
+    status: str = "active_unack",
+    patient: str | None = "P-1",
+    bed: str | None = "icu-1",
+    unit: str | None = "icu",
+    site: str = "north",
+    at: int = T0,
+    detail: dict[str, object] | None = None,
+) -> Alert:
+    return Alert(
+        id=id,
+        version=version,
+        patient_id=patient,
+        bed_id=bed,
+        site_id=site,
+        unit_id=unit,
+        condition="spo2_low",
+        priority="high",
+        status=status,
+        raised_at=T0,
+        updated_at=at,
+        detail=detail or {},
+    )
+
+
+def page(
+    step: int = 0, recipients: tuple[str, ...] = ("n",), alert_id: str = "P-1~spo2_low~1795428000000"
+) -> AlertPage:
+    return AlertPage(
+        alert_id=alert_id,
+        alert_version=1,
+        step=step,
+        level=step,
+        recipients=recipients,
+        at=T0 + step * 60_000,
+        site_id="north",
+        unit_id="icu",
+        patient_id="P-1",
+        bed_id="icu-1",
+        condition="spo2_low",
+        priority="high",
+        skipped=None if recipients else "not_connected",
+    )
+
+
+def news2(score: int, *, bed: str | None = "icu-1", patient: str = "P-1", at: int = T0) -> LiveUpdate:
+    result = {
+        "score": score,
+        "complete": True,
+        "scale": 1,
+        "components": {"rr": {"value": 24, "points": 2, "ts": at, "source": "mon-1"}, "temp": None},
+        "ts": at,
+        "response": "low",
+        "partial": score,
+        "missing": [],
+        "stale": [],
+        "suppressed": False,
+    }
+    return LiveUpdate(
+        id=f"{patient}/news2/{at}",
+        kind="news2",
+        at=at,
+        site_id="north",
+        unit_id="icu",
+        bed_id=bed,
+        patient_id=patient,
+        device_id="",
+        detail={"news2": result},
     )
 
 
@@ -409,20 +485,7 @@ async def test_a_burst_closes_no_client_that_keeps_up(clock: ManualClock) -> Non
 
 
 async def test_replay_sends_newer_state_and_alerts_in_full(clock: ManualClock) -> None:
-    alert = Alert(
-        id="A-1",
-        version=1,
-        patient_id="P-1",
-        bed_id="icu-1",
-        site_id="north",
-        unit_id="icu",
-        condition="spo2_low",
-        priority="high",
-        status="active_unack",
-        raised_at=T0,
-        updated_at=T0,
-    )
-    feed = FakeFeed([vitals(value=70), vitals(value=71, seq=1), alert, status()])
+    feed = FakeFeed([vitals(value=70), vitals(value=71, seq=1), alert(), status()])
     hub = LiveHub(feed, clock)
     await hub.ready()
     client = LiveClient(NURSE)
@@ -430,7 +493,13 @@ async def test_replay_sends_newer_state_and_alerts_in_full(clock: ManualClock) -
     await frames(client)
     await hub.replay(client, 0, {"icu-1": "P-1"})
     got = [(f["id"], f["type"], f["topic"]) for f in await frames(client)]
-    assert got == [(1, "vitals", "bed:icu-1"), (3, "device", "bed:icu-1"), (2, "alert", "alerts")]
+    # The state changed after the cursor, then every alert version after it, to each topic it routes to.
+    assert got == [
+        (1, "vitals", "bed:icu-1"),
+        (3, "device", "bed:icu-1"),
+        (2, "alert", "alerts"),
+        (2, "alert", "bed:icu-1"),
+    ]
     await hub.stop()
 
 
@@ -441,4 +510,221 @@ async def test_an_undecodable_record_is_stepped_over(clock: ManualClock) -> None
     await asyncio.wait_for(hub.ready(), 5)
     st = hub.state.place("bed:icu-1")
     assert st is not None and st.vitals_cursor == 2 and st.devices == {}
+    await hub.stop()
+
+
+# -- alerts, pages and NEWS2 -----------------------------------------------------------------------------
+
+
+async def test_an_alert_goes_to_alerts_and_its_patient_bed_and_unit_for_those_who_may_see() -> None:
+    feed = FakeFeed()
+    hub = LiveHub(feed, ManualClock())
+    await hub.ready()
+    mine = LiveClient(NURSE)
+    foreign = LiveClient(OTHER_NURSE)
+    hub.subscribe(
+        mine, [Topic("alerts"), Topic("unit", "icu"), Topic("bed", "icu-1"), Topic("patient", "P-1")], {}
+    )
+    hub.subscribe(foreign, [Topic("alerts")], {})
+    detail = {"label": "SpO2 low", "value": 84.0, "unit": "%", "closed_reason": "x"}
+    feed.add(vitals(value=70))
+    feed.add(alert(detail=detail))
+    await settle(hub, feed)
+    got = [f for f in await frames(mine) if f["type"] == "alert"]
+    assert sorted(str(f["topic"]) for f in got) == ["alerts", "bed:icu-1", "patient:P-1", "unit:icu"]
+    assert got[0]["id"] == 1  # never merged with the vitals before it
+    assert got[0]["data"] == {
+        "id": "P-1~spo2_low~1795428000000",
+        "version": 1,
+        "patient_id": "P-1",
+        "bed_id": "icu-1",
+        "site_id": "north",
+        "unit_id": "icu",
+        "condition": "spo2_low",
+        "priority": "high",
+        "status": "active_unack",
+        "raised_at": "2026-11-23T10:00:00.000Z",
+        "updated_at": "2026-11-23T10:00:00.000Z",
+        "data_stale": False,
+        "retrospective": False,
+        "silenced_until": None,
+        "label": "SpO2 low",
+        "value": 84.0,
+        "unit": "%",
+    }
+    assert foreign.pending() == 0  # another site's alert never reaches its alerts topic
+    await hub.stop()
+
+
+async def test_a_repeated_or_older_version_is_pushed_once() -> None:
+    feed = FakeFeed()
+    hub = LiveHub(feed, ManualClock())
+    await hub.ready()
+    client = LiveClient(NURSE)
+    hub.subscribe(client, [Topic("alerts")], {})
+    for v in (1, 2, 1, 2, 3):  # the scaled runtime's emits are at-least-once, and may interleave
+        feed.add(alert(v, at=T0 + v))
+    await settle(hub, feed)
+    assert [f["data"]["version"] for f in await frames(client)] == [1, 2, 3]  # type: ignore[index]
+    known = hub.alerts.get("P-1~spo2_low~1795428000000")
+    assert known is not None and known.version == 3 and known.updated_at == {1: T0 + 1, 2: T0 + 2, 3: T0 + 3}
+    await hub.stop()
+
+
+def test_the_alert_book_is_bounded_and_keeps_the_newest_versions_times() -> None:
+    book = AlertBook(limit=2)
+    assert book.offer(alert(id="a")) and book.offer(alert(id="b"))
+    assert book.offer(alert(2, id="a"))  # a changed last: b is now the oldest
+    assert book.offer(alert(id="c"))
+    assert book.get("b") is None and book.get("a") is not None and len(book) == 2
+    for v in range(3, 40):
+        book.offer(alert(v, id="a", at=v))
+    known = book.get("a")
+    assert known is not None and len(known.updated_at) == VERSIONS_KEPT and max(known.updated_at) == 39
+
+
+def test_new_subscribers_get_open_alerts_and_never_closed_ones() -> None:
+    s = LatestState()
+    s.apply(0, vitals())
+    s.apply_alert(1, alert(id="open"))
+    s.apply_alert(2, alert(id="gone"))
+    s.apply_alert(3, alert(2, id="gone", status="closed"))
+    s.apply_alert(4, alert(id="acked", status="active_ack"))
+    s.apply_alert(5, alert(id="old-patient", patient="P-0"))  # the bed's previous patient
+    s.apply_alert(6, alert(id="bed-only", patient=None))  # a technical alarm of the bed itself
+    s.apply_alert(7, alert(id="moved", bed="icu-1"))
+    s.apply_alert(8, alert(2, id="moved", bed="ward-1", unit="ward"))  # transferred with its patient
+
+    def ids(topic: Topic, beds: Mapping[str, str | None]) -> list[tuple[int, str]]:
+        return [(p.cursor, str(data(p)["id"])) for p in s.open_alerts(topic, beds)]
+
+    beds = {"icu-1": "P-1"}
+    assert ids(Topic("bed", "icu-1"), beds) == [(1, "open"), (4, "acked"), (6, "bed-only")]
+    assert ids(Topic("unit", "icu"), beds) == [(1, "open"), (4, "acked"), (6, "bed-only")]
+    assert ids(Topic("patient", "P-1"), {}) == [(1, "open"), (4, "acked"), (7 + 1, "moved")]
+    assert ids(Topic("unit", "ward"), {"ward-1": "P-1"}) == [(8, "moved")]
+    assert ids(Topic("bed", "icu-1"), {"icu-1": None}) == [(6, "bed-only")]  # freed: the patient's go
+
+
+async def test_subscribing_sends_state_and_open_alerts_in_cursor_order() -> None:
+    feed = FakeFeed([alert(id="x"), vitals(), alert(id="y"), alert(2, id="y", status="closed")])
+    hub = LiveHub(feed, ManualClock())
+    await hub.ready()
+    client = LiveClient(NURSE)
+    hub.subscribe(client, [Topic("unit", "icu")], {"icu-1": "P-1"})
+    assert [(f["id"], f["type"]) for f in await frames(client)] == [(0, "alert"), (1, "vitals")]
+    await hub.stop()
+
+
+async def test_pages_reach_every_connection_of_their_users_once() -> None:
+    feed = FakeFeed()
+    hub = LiveHub(feed, ManualClock())
+    await hub.ready()
+    phone, board, other = LiveClient(NURSE), LiveClient(NURSE), LiveClient(OTHER_NURSE)
+    for c in (phone, board, other):
+        hub.attach(c)
+    hub.subscribe(board, [Topic("unit", "icu")], {})  # the phone follows nothing
+    assert hub.connected_users() == frozenset({"n", "o"})
+    feed.add(page(0, ("n", "charge")))
+    feed.add(page(0, ("n", "charge")))  # redelivered: same key
+    feed.add(page(1, ()))  # a skipped level names nobody
+    feed.add(page(2, ("o",)))
+    await settle(hub, feed)
+    (f,) = await frames(phone)
+    assert (f["id"], f["type"], f["topic"]) == (0, "page", "user:n")
+    assert f["data"] == {
+        "alert_id": "P-1~spo2_low~1795428000000",
+        "alert_version": 1,
+        "step": 0,
+        "level": 0,
+        "recipients": ["n", "charge"],
+        "site_id": "north",
+        "unit_id": "icu",
+        "bed_id": "icu-1",
+        "patient_id": "P-1",
+        "condition": "spo2_low",
+        "priority": "high",
+        "at": "2026-11-23T10:00:00.000Z",
+    }
+    assert [x["topic"] for x in await frames(board)] == ["user:n"]
+    assert [(x["id"], x["topic"]) for x in await frames(other)] == [(3, "user:o")]
+    hub.detach(phone)
+    assert hub.connected_users() == frozenset({"n", "o"})  # the board is still open
+    hub.detach(board)
+    assert hub.connected_users() == frozenset({"o"})
+    await hub.stop()
+
+
+async def test_a_page_from_before_the_hub_started_is_not_pushed_again() -> None:
+    feed = FakeFeed([page(0)])
+    hub = LiveHub(feed, ManualClock())
+    await hub.ready()
+    client = LiveClient(NURSE)
+    hub.attach(client)
+    feed.add(page(0))  # a redelivery after a restart
+    await settle(hub, feed)
+    assert client.pending() == 0
+    await hub.stop()
+
+
+async def test_news2_is_pushed_apart_from_vitals_and_kept_as_state() -> None:
+    feed = FakeFeed()
+    hub = LiveHub(feed, ManualClock())
+    await hub.ready()
+    client = LiveClient(NURSE)
+    hub.subscribe(client, [Topic("bed", "icu-1")], {"icu-1": "P-1"})
+    feed.add(vitals(value=70))
+    feed.add(news2(5, at=T0 + 1000))
+    await settle(hub, feed)
+    got = await frames(client)
+    assert [(f["id"], f["type"]) for f in got] == [(0, "vitals"), (1, "news2")]  # not merged into vitals
+    assert got[1]["data"] == {
+        "site_id": "north",
+        "unit_id": "icu",
+        "bed_id": "icu-1",
+        "patient_id": "P-1",
+        "at": "2026-11-23T10:00:01.000Z",
+        "news2": {
+            "score": 5,
+            "complete": True,
+            "scale": 1,
+            "components": {
+                "rr": {"value": 24, "points": 2, "ts": "2026-11-23T10:00:01.000Z", "source": "mon-1"},
+                "temp": None,
+            },
+            "ts": "2026-11-23T10:00:01.000Z",
+            "response": "low",
+            "partial": 5,
+            "missing": [],
+            "stale": [],
+            "suppressed": False,
+        },
+    }
+    later = LiveClient(NURSE)
+    hub.subscribe(later, [Topic("patient", "P-1")], {})
+    assert [(f["id"], f["type"]) for f in await frames(later)] == [(0, "vitals"), (1, "news2")]
+    await hub.stop()
+
+
+def test_a_bed_shows_news2_only_while_it_holds_that_patient() -> None:
+    s = LatestState()
+    s.apply(0, news2(7))
+    assert [p.kind for p in s.pushes(Topic("bed", "icu-1"), {"icu-1": "P-1"})] == ["news2"]
+    assert s.pushes(Topic("bed", "icu-1"), {"icu-1": "P-2"}) == []  # P-1 left; P-2 has no score yet
+    s.apply(1, vitals(patient="P-2"))
+    assert [p.kind for p in s.pushes(Topic("bed", "icu-1"), {"icu-1": "P-2"})] == ["vitals"]
+    assert [p.kind for p in s.pushes(Topic("patient", "P-1"), {})] == ["news2"]  # still P-1's own
+
+
+async def test_replay_sends_each_alert_version_once_and_the_users_pages() -> None:
+    feed = FakeFeed([vitals(), alert(1), alert(2), alert(1), page(0), page(0), page(1, ("someone",))])
+    hub = LiveHub(feed, ManualClock())
+    await hub.ready()
+    client = LiveClient(NURSE)
+    hub.attach(client)
+    hub.subscribe(client, [Topic("patient", "P-1")], {})
+    await frames(client)
+    await hub.replay(client, 0, {})
+    got = [(f["id"], f["type"], f["topic"]) for f in await frames(client)]
+    assert got == [(1, "alert", "patient:P-1"), (2, "alert", "patient:P-1"), (4, "page", "user:n")]
     await hub.stop()
