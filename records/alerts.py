@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -204,6 +204,42 @@ async def list_alerts(
     if until is not None:
         q = q.where(m.AlertRow.updated_at <= until)
     q = q.order_by(m.AlertRow.updated_at.desc(), m.AlertRow.id).limit(limit)
+    async with db.session(read_only=True) as s:
+        return [alert_of(r) for r in (await s.execute(q)).scalars().all()]
+
+
+async def list_history(
+    db: Database,
+    *,
+    sites: set[str] | None,
+    units: frozenset[str] | None,
+    since: int,
+    until: int | None = None,
+    patient_id: str | None = None,
+    unit_id: str | None = None,
+    after: tuple[int, str] | None = None,
+    limit: int = 100,
+) -> list[Alert]:
+    """Alerts open at any time in [since, until], open and closed, newest raised first.
+
+    `after` is the (raised_at, id) of the last alert of the previous page (keyset paging: stable while
+    new alerts arrive).
+    """
+    t = m.AlertRow
+    q = select(t).where(or_(t.updated_at >= since, t.status != "closed"))
+    if until is not None:
+        q = q.where(t.raised_at <= until)
+    if sites is not None:
+        q = q.where(t.site_id.in_(sites))
+    if units is not None:
+        q = q.where(t.unit_id.in_(units))
+    if patient_id is not None:
+        q = q.where(t.patient_id == patient_id)
+    if unit_id is not None:
+        q = q.where(t.unit_id == unit_id)
+    if after is not None:
+        q = q.where(or_(t.raised_at < after[0], and_(t.raised_at == after[0], t.id < after[1])))
+    q = q.order_by(t.raised_at.desc(), t.id.desc()).limit(limit)
     async with db.session(read_only=True) as s:
         return [alert_of(r) for r in (await s.execute(q)).scalars().all()]
 
