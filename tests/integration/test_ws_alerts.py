@@ -4,11 +4,18 @@ whole path (mosquitto_pub -> clinical engine -> `/ws`) through the real `vigil r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
 
 from api.auth import Principal
 from api.livehub import LiveClient, LiveHub, Topic
@@ -17,6 +24,7 @@ from streams.clock import SystemClock
 from streams.live import LogLiveFeed
 from streams.log import SqliteLog
 from streams.schemas import Alert, AlertPage, Event, LiveUpdate, encode
+from tests.hub import Hub
 
 pytestmark = pytest.mark.integration
 
@@ -151,3 +159,136 @@ async def test_a_restarted_hub_shows_open_alerts_and_news2_from_the_log(log: Sql
         (4, "page", "user:nina"),
     ]
     await hub.stop()
+
+
+# -- end to end: a monitor's desaturation through the clinical engine to the nurse's board ---------------
+
+Msg = dict[str, Any]
+UNIT, BED, PATIENT, MONITOR = "wa-icu", "wa-icu-1", "WA-1", "wa-mon-1"
+PASSWORD = "wa-secret-pw"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    h = Hub(tmp_path_factory.mktemp("ws-alerts") / "hub").start()
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def desaturate(hub: Hub, secret: str, start: int, seconds: int) -> None:
+    """SpO2 70 % once a second of device time, in one mosquitto_pub session (QoS 1: acknowledged)."""
+    lines = "".join(
+        json.dumps(
+            {"seq": i + 1, "boot": "wa", "ts": iso(start + i * 1000), "obs": [{"code": "spo2", "value": 70}]}
+        )
+        + "\n"
+        for i in range(seconds)
+    )
+    argv = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(hub.mqtt_port), "-u", MONITOR, "-P", secret]
+    argv += ["-i", MONITOR, "-q", "1", "-t", f"vigil/v1/{MONITOR}/obs", "-l"]
+    r = subprocess.run(argv, input=lines, check=False, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+async def connect(hub: Hub, token: str) -> ClientConnection:
+    url = f"ws://127.0.0.1:{hub.http_port}/ws"
+    return await websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"})
+
+
+async def recv(ws: ClientConnection, timeout: float) -> Msg:
+    return dict(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+
+
+async def until(ws: ClientConnection, pred: Any, timeout: float = 10.0) -> Msg:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        m = await recv(ws, left)
+        if pred(m):
+            return m
+    raise AssertionError("no such message")
+
+
+async def collect(ws: ClientConnection, seconds: float) -> list[Msg]:
+    out: list[Msg] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            out.append(await recv(ws, left))
+        except TimeoutError:
+            break
+    return out
+
+
+async def subscribe(ws: ClientConnection, *topics: str) -> list[Msg]:
+    await ws.send(json.dumps({"op": "subscribe", "topics": list(topics)}))
+    out = []
+    while (m := await recv(ws, 10))["type"] != "subscribed":
+        out.append(m)
+    return [*out, m]
+
+
+def critical(m: Msg) -> bool:
+    d = m.get("data", {})
+    return (
+        m.get("type") == "alert" and d.get("condition") == "spo2_critical" and d.get("patient_id") == PATIENT
+    )
+
+
+async def test_a_desaturation_reaches_the_units_nurse_who_confirms_it_and_no_other_unit(hub: Hub) -> None:
+    secret = hub.add_device(MONITOR, "monitor", "--unit", UNIT, "--bed", BED, "--patient", PATIENT)["secret"]
+    hub.add_user("wa-nurse", "nurse", "--unit", UNIT, "--password", PASSWORD)
+    hub.add_user("wa-ward-nurse", "nurse", "--unit", "wa-ward", "--password", PASSWORD)
+    hub.add_device("wa-mon-ward", "monitor", "--unit", "wa-ward", "--bed", "wa-ward-1")
+    nurse = await connect(hub, hub.token("wa-nurse", PASSWORD))
+    other = await connect(hub, hub.token("wa-ward-nurse", PASSWORD))
+    assert (await subscribe(nurse, f"unit:{UNIT}"))[-1]["topics"] == [f"unit:{UNIT}"]
+    answer = await subscribe(other, f"unit:{UNIT}", "unit:wa-ward", "alerts")
+    assert [(m["type"], m.get("code")) for m in answer[:-1]] == [("error", "forbidden")]
+    assert answer[-1]["topics"] == ["unit:wa-ward", "alerts"]
+    timed = hub.metric("vigil_alert_delivery_seconds_count")
+
+    start = time.time_ns() // 1_000_000 - 40_000
+    await asyncio.to_thread(desaturate, hub, secret, start, 25)
+    frame = await until(nurse, critical, timeout=30)
+    alert = frame["data"]
+    assert (frame["topic"], alert["priority"], alert["bed_id"], alert["unit_id"]) == (
+        f"unit:{UNIT}",
+        "high",
+        BED,
+        UNIT,
+    )
+    assert ms(alert["raised_at"]) - start <= 30_000, "raised later than 30 s of device time"
+    assert not [m for m in await collect(other, 1.0) if m.get("type") == "alert"]
+
+    await nurse.send(json.dumps({"op": "receipt", "alert_id": alert["id"], "version": alert["version"]}))
+    assert await until(nurse, lambda m: m["type"] in ("receipt", "error")) == {
+        "type": "receipt",
+        "alert_id": alert["id"],
+        "version": alert["version"],
+    }
+    await other.send(json.dumps({"op": "receipt", "alert_id": alert["id"], "version": alert["version"]}))
+    refused = await until(other, lambda m: m["type"] in ("receipt", "error"))
+    assert (refused["type"], refused["code"]) == ("error", "not_found")  # the same as an unknown id
+
+    detail = hub.api("GET", f"/api/v1/alerts/{alert['id']}", token=hub.token("wa-nurse", PASSWORD))
+    assert detail.status_code == 200, detail.text
+    receipts = [(r["username"], r["version"]) for r in detail.json()["receipts"]]
+    assert receipts == [("wa-nurse", alert["version"])]
+    assert hub.metric("vigil_alert_delivery_seconds_count") == timed + 1
+
+    late = await connect(hub, hub.token("wa-nurse", PASSWORD))  # a board opened later shows it at once
+    await subscribe(late, f"bed:{BED}")
+    shown = await until(late, critical, timeout=5)
+    assert shown["data"]["id"] == alert["id"] and shown["data"]["status"] != "closed"
+    for ws in (nurse, other, late):
+        await ws.close()
