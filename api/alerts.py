@@ -21,6 +21,7 @@ from records.alerts import (
     alert_history,
     get_alert,
     list_alerts,
+    list_history,
     list_overrides,
     remove_override,
     set_override,
@@ -33,6 +34,7 @@ ACT_ROLES = ("nurse", "charge_nurse", "doctor", "admin")
 LIMIT_ROLES = ("doctor", "charge_nurse", "admin")
 NEWS2_ROLES = ("doctor", "admin")
 WAIT_S = 3.0  # how long an action waits for the engine's new version before answering 202
+HISTORY_DEFAULT_MS = 24 * 3600 * 1000
 
 
 def alert_json(a: Alert) -> dict[str, Any]:
@@ -120,6 +122,35 @@ def install(app: FastAPI, ctx: ApiContext) -> None:
         )
         return {"items": [alert_json(a) for a in items]}
 
+    @app.get("/api/v1/alerts/history", tags=["alerts"])
+    async def history(
+        since: str | None = None,
+        until: str | None = None,
+        patient_id: str | None = Query(default=None, max_length=64),
+        unit_id: str | None = Query(default=None, max_length=64),
+        cursor: str | None = Query(default=None, max_length=300),
+        limit: int = Query(default=100, ge=1, le=1000),
+        p: Principal = Depends(require(CLINICAL_ROLES)),  # noqa: B008
+    ) -> dict[str, Any]:
+        """Alerts open at any time in [since, until] (default: the last 24 h), newest raised first."""
+        start = ctx.clock.now_ms() - HISTORY_DEFAULT_MS if since is None else parse_time(since, "since")
+        items = await list_history(
+            ctx.db,
+            sites=p.site_filter(),
+            units=p.units,
+            since=start,
+            until=None if until is None else parse_time(until, "until"),
+            patient_id=patient_id,
+            unit_id=unit_id,
+            after=None if cursor is None else _parse_cursor(cursor),
+            limit=limit,
+        )
+        last = items[-1] if len(items) == limit else None
+        return {
+            "items": [alert_json(a) for a in items],
+            "cursor": None if last is None else f"{last.raised_at}:{last.id}",
+        }
+
     @app.get("/api/v1/alerts/{alert_id}", tags=["alerts"])
     async def one_alert(
         alert_id: str,
@@ -142,6 +173,8 @@ def install(app: FastAPI, ctx: ApiContext) -> None:
             raise HTTPException(status.HTTP_409_CONFLICT, "the alert is closed")
         if action == "resolve" and a.status != "cleared_unack":
             raise HTTPException(status.HTTP_409_CONFLICT, "only a cleared alert can be resolved")
+        if action == "ack" and a.status == "active_ack":
+            return alert_json(a)  # acknowledged already: nothing for the engine to do
         now = ctx.clock.now_ms()
         cmd = AlertCommand(
             f"{p.username}/{a.id}/{action}/{now}", a.id, action, p.username, now, a.site_id, **extra
@@ -259,6 +292,13 @@ def install(app: FastAPI, ctx: ApiContext) -> None:
             patient_id, site_id, p.username, news2_scale=body.spo2_scale, news2_suppressed=body.suppressed
         )
         return {"patient_id": patient_id, "spo2_scale": body.spo2_scale, "suppressed": body.suppressed}
+
+
+def _parse_cursor(raw: str) -> tuple[int, str]:
+    raised, sep, alert_id = raw.partition(":")
+    if not sep or not raised.isdigit() or not alert_id:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "cursor: as returned by the last page")
+    return int(raised), alert_id
 
 
 def _engine(o: dict[str, Any]) -> dict[str, Any]:

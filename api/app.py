@@ -86,12 +86,11 @@ def parse_time(raw: str, name: str) -> int:
 def _news2_json(result: dict[str, Any] | None) -> dict[str, Any] | None:
     if result is None:
         return None
-    out = dict(result)
-    out["ts"] = iso(int(result["ts"]))
-    for c in (out.get("components") or {}).values():
-        if c is not None:
-            c["ts"] = iso(int(c["ts"]))
-    return out
+    components = {
+        k: None if c is None else {**c, "ts": iso(int(c["ts"]))}
+        for k, c in (result.get("components") or {}).items()
+    }
+    return {**result, "ts": iso(int(result["ts"])), "components": components}
 
 
 def _point_value(p: VitalPoint) -> float | str:
