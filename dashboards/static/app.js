@@ -681,6 +681,14 @@ function receipt(a) {
   }
 }
 
+// The hub could not record a receipt: send it again with the next tick.
+function retryReceipt(alertId) {
+  const a = state.alerts.open.get(alertId);
+  if (!a) return;
+  state.receipts.delete(`${a.id}:${a.version}`);
+  state.pendingReceipts.set(`${a.id}:${a.version}`, a);
+}
+
 function flushReceipts() {
   for (const a of [...state.pendingReceipts.values()]) {
     if (state.alerts.open.get(a.id)?.version === a.version) receipt(a);
@@ -756,6 +764,9 @@ function renderAudio(onBoard, all, now) {
   document.body.classList.toggle("audio-off", onBoard && !armed);
   // Sound follows what the board last knew, even while the link is down: silence is never assumed.
   state.audio.update(onBoard ? audiblePriority(all, now) : null, performance.now());
+  const sounding = state.audio.playing || "";
+  $("audio-state").dataset.sounding = sounding;
+  $("audio-state").title = sounding ? `sounding: ${sounding} priority` : "no alarm sounding";
 }
 
 function onPage(d) {
@@ -871,6 +882,7 @@ function onMessage(ws, msg) {
       break;
     case "error":
       if (msg.code === "unauthorised") logout("Your session has ended. Please sign in again.");
+      else if (msg.code === "unavailable" && typeof msg.alert_id === "string") retryReceipt(msg.alert_id);
       else if (msg.topic && msg.topic.startsWith("unit:")) {
         $("board-error").textContent = "This unit cannot be watched live.";
         setBanner(true, "the hub refused live data for this unit");
@@ -1050,6 +1062,7 @@ function tick() {
   if (who && state.token) $("logout").title = `Signed in as ${who}`;
   if (!$("board-view").hidden) for (const bed of state.beds.values()) bed.render();
   renderAlarms();
+  if (state.wsOpen && state.pendingReceipts.size) flushReceipts();
   updateBannerCountdown();
 }
 
