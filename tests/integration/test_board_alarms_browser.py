@@ -213,6 +213,19 @@ def test_a_desaturation_alarms_the_board_the_nurse_acknowledges_it_and_recovery_
             expect(audio).not_to_have_attribute("data-sounding", "high")
             snap(page, "acknowledged")
 
+            # The medium SpO2-low alarm now leads the banner; silencing it pauses its tone for 2 minutes.
+            medium = banner.locator('.banner-alarm[data-priority="medium"]')
+            expect(medium).to_be_visible()
+            expect(audio).to_have_attribute("data-sounding", "medium", timeout=3000)
+            with page.expect_response(
+                lambda resp: resp.request.method == "POST" and resp.url.endswith("/silence")
+            ) as answer:
+                medium.locator('button[data-action="silence"]').click()
+            assert answer.value.status == 200, answer.value.text()
+            expect(medium.locator(".tag-silenced")).to_contain_text(re.compile(r"SILENCED [12]:\d\d"))
+            expect(audio).to_have_attribute("data-sounding", "", timeout=3000)
+            expect(medium).to_be_visible()  # silenced is not acknowledged: it stays in the banner
+
             # Recovery: the condition clears, the acknowledged alarm closes and the banner goes.
             feed.values = {"spo2": 97, "hr": 80}
             expect(banner).to_be_hidden(timeout=15_000)
