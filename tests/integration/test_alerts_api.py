@@ -4,16 +4,27 @@ outside the unit sees it; limit overrides and NEWS2 settings reach the engine.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
+import httpx
 import pytest
 
+from api.app import ApiContext, create_app
+from api.auth import Principal, TokenIssuer
+from records.alerts import AlertStore
+from records.db import Database, sqlite_url
+from streams import topics
+from streams.clock import SystemClock
+from streams.effects import AlertVersion
+from streams.schemas import Alert, AlertCommand, decode
 from tests.hub import Hub
 
 pytestmark = pytest.mark.integration
@@ -250,3 +261,97 @@ def test_the_rules_in_force_are_public_to_clinicians(hub: Hub, tokens: dict[str,
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["digest"] and body["safety_floor"]
+
+
+# -- the API alone (no engine): what it sends, and what it answers while the engine has not answered ------
+
+
+class Context:
+    """The API on a real SQLite records database, with `publish` captured instead of a log."""
+
+    def __init__(self, db: Database, apply: Callable[[AlertCommand], Awaitable[None]] | None) -> None:
+        self.sent: list[tuple[str, str, AlertCommand]] = []
+        self.issuer = TokenIssuer("a-key-for-this-test-only-" * 2)
+        self._apply = apply
+
+        async def publish(records: Sequence[tuple[str, str, bytes]]) -> None:
+            for topic, key, value in records:
+                cmd = decode(value)
+                assert isinstance(cmd, AlertCommand)
+                self.sent.append((topic, key, cmd))
+                if self._apply is not None:
+                    await self._apply(cmd)
+
+        async def nothing(*_: Any) -> None:
+            return None
+
+        self.app = create_app(
+            ApiContext(
+                db=db,
+                vitals=cast(Any, None),  # not read by these calls
+                tokens=self.issuer,
+                clock=SystemClock(),
+                on_admission=nothing,
+                live=cast(Any, None),
+                submit=nothing,
+                publish=publish,
+            )
+        )
+
+    def client(self, username: str) -> httpx.AsyncClient:
+        p = Principal(username, "nurse", frozenset({"s1"}), frozenset({"icu"}))
+        token = self.issuer.issue(p, SystemClock().now_ms() // 1000)
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app),
+            base_url="http://api",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+
+def stored_alert(at: int) -> Alert:
+    return Alert(
+        id=f"P-1~spo2_low~{at}", version=1, patient_id="P-1", bed_id="icu-1", site_id="s1", unit_id="icu",
+        condition="spo2_low", priority="medium", status="active_unack", raised_at=at, updated_at=at,
+    )  # fmt: skip
+
+
+async def test_an_ack_goes_to_the_patients_clinical_key_and_answers_the_engines_new_version(
+    tmp_path: Path,
+) -> None:
+    db = Database(sqlite_url(tmp_path))
+    await db.migrate()
+    store = AlertStore(db)
+    a = stored_alert(now_ms() - 5_000)
+    await store.record_alerts([AlertVersion(a, None, "raised", None)])
+
+    async def engine(cmd: AlertCommand) -> None:  # what the clinical engine does with the command
+        acked = dataclasses.replace(a, version=2, status="active_ack", updated_at=cmd.at)
+        await store.record_alerts([AlertVersion(acked, "active_unack", "acknowledged", cmd.by)])
+
+    ctx = Context(db, engine)
+    async with ctx.client("nina") as c:
+        r = await c.post(f"/api/v1/alerts/{a.id}/ack", json={"read_back": 88})
+    assert r.status_code == 200, r.text
+    assert (r.json()["version"], r.json()["status"]) == (2, "active_ack")
+    [(topic, key, cmd)] = ctx.sent
+    assert (topic, key) == (topics.CLINICAL, "patient:P-1")
+    assert (cmd.alert_id, cmd.action, cmd.by, cmd.site_id, cmd.read_back) == (a.id, "ack", "nina", "s1", "88")
+    assert cmd.id == f"nina/{a.id}/ack/{cmd.at}"
+    await db.close()
+
+
+async def test_an_action_the_engine_has_not_applied_in_time_answers_202_with_the_alert_as_it_was(
+    tmp_path: Path,
+) -> None:
+    db = Database(sqlite_url(tmp_path))
+    await db.migrate()
+    a = stored_alert(now_ms() - 5_000)
+    await AlertStore(db).record_alerts([AlertVersion(a, None, "raised", None)])
+    ctx = Context(db, None)  # the command is appended; no engine runs
+    async with ctx.client("nina") as c:
+        r = await c.post(f"/api/v1/alerts/{a.id}/silence", json={"duration_s": 30})
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "accepted" and r.json()["alert"]["version"] == 1
+    [(_, _, cmd)] = ctx.sent
+    assert (cmd.action, cmd.duration_ms) == ("silence", 30_000)
+    await db.close()
