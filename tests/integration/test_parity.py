@@ -340,8 +340,8 @@ async def test_an_unanswered_alarm_escalates_to_the_charge_nurse_across_a_restar
     await asyncio.to_thread(ward.desaturate, 70, 20, seq=1, start=start)
     page = await _until(nurse, lambda m: m.get("type") == "page")
     alert_id = page["data"]["alert_id"]
-    hub.kill9()  # mid-escalation: the pending step must survive
-    hub.start()
+    await asyncio.to_thread(hub.kill9)  # mid-escalation: the pending step must survive
+    await asyncio.to_thread(hub.start)
     charge = await _connect(hub, ward.tokens["charge_nurse"])
     got = await _until(charge, lambda m: m.get("type") == "page" and m["data"]["alert_id"] == alert_id, 45)
     assert got["data"]["level"] >= 1
