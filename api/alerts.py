@@ -132,14 +132,18 @@ def install(app: FastAPI, ctx: ApiContext) -> None:
         limit: int = Query(default=100, ge=1, le=1000),
         p: Principal = Depends(require(CLINICAL_ROLES)),  # noqa: B008
     ) -> dict[str, Any]:
-        """Alerts open at any time in [since, until] (default: the last 24 h), newest raised first."""
-        start = ctx.clock.now_ms() - HISTORY_DEFAULT_MS if since is None else parse_time(since, "since")
+        """Alerts open at any time in [since, until] (default: the 24 h before `until` or now)."""
+        end = None if until is None else parse_time(until, "until")
+        if since is None:
+            start = (ctx.clock.now_ms() if end is None else end) - HISTORY_DEFAULT_MS
+        else:
+            start = parse_time(since, "since")
         items = await list_history(
             ctx.db,
             sites=p.site_filter(),
             units=p.units,
             since=start,
-            until=None if until is None else parse_time(until, "until"),
+            until=end,
             patient_id=patient_id,
             unit_id=unit_id,
             after=None if cursor is None else _parse_cursor(cursor),
