@@ -4,6 +4,7 @@ outside the unit sees it; limit overrides and NEWS2 settings reach the engine.""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -16,6 +17,7 @@ from typing import Any, TypeVar, cast
 
 import httpx
 import pytest
+import websockets
 
 from api.app import ApiContext, create_app
 from api.auth import Principal, TokenIssuer
@@ -203,6 +205,27 @@ def test_nobody_outside_the_unit_or_site_sees_or_acts_on_an_alert(
         assert alert["id"] not in [a["id"] for a in history]
     assert alert["id"] in [a["id"] for a in alerts(hub, tokens["dora"])]  # the site's doctor sees it
     assert hub.api("GET", path, token=tokens["wanda"]).status_code == 200
+
+
+async def test_a_receipt_from_the_nurses_client_is_kept_with_the_alert(
+    hub: Hub, ward: Monitor, tokens: dict[str, str]
+) -> None:
+    ward.send(70, 20, now_ms() - 40_000)
+    alert = await asyncio.to_thread(until, hub, open_alert(hub, tokens["wanda"], "P-W", "spo2_critical"))
+    url = f"ws://127.0.0.1:{hub.http_port}/ws"
+    async with websockets.connect(
+        url, additional_headers={"Authorization": f"Bearer {tokens['wanda']}"}
+    ) as ws:
+        await ws.send(json.dumps({"op": "receipt", "alert_id": alert["id"], "version": alert["version"]}))
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+            if frame.get("type") in ("receipt", "error"):
+                break
+    assert frame["type"] == "receipt", frame
+    r = await asyncio.to_thread(hub.api, "GET", f"/api/v1/alerts/{alert['id']}", token=tokens["wanda"])
+    receipts = [(x["version"], x["username"]) for x in r.json()["receipts"]]
+    assert receipts == [(alert["version"], "wanda")]
+    assert all(RFC3339_MS.match(x["received_at"]) for x in r.json()["receipts"])
 
 
 def test_a_doctors_stricter_limit_raises_an_alarm_the_default_would_not(
