@@ -347,14 +347,15 @@ async def set_override(
     """Store (or replace) one override, audited; answers the patient's whole current set."""
     fields = {k: override[k] for k in ("condition", "threshold", "priority", "delay_ms", "expires_at")}
     fields.update(set_by=actor, reason=str(override.get("reason") or "")[:500], set_at=at)
+    insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
+    stmt = insert(m.PatientOverrideRow).values(patient_id=patient_id, **fields)
+    # An upsert: two clinicians setting the same limit at once leave one of theirs, never a duplicate key.
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["patient_id", "condition"],
+        set_={k: stmt.excluded[k] for k in fields if k != "condition"},
+    )
     async with db.session() as s:
-        await s.execute(
-            delete(m.PatientOverrideRow).where(
-                m.PatientOverrideRow.patient_id == patient_id,
-                m.PatientOverrideRow.condition == fields["condition"],
-            )
-        )
-        s.add(m.PatientOverrideRow(patient_id=patient_id, **fields))
+        await s.execute(stmt)
         await audit(
             s,
             at=at,

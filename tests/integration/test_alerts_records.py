@@ -4,6 +4,7 @@ the escalation directory that the clinical engine asks who to page."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
@@ -300,3 +301,23 @@ async def test_the_directory_knows_assignees_roles_and_rosters_per_unit(
         site_id="s1", unit_id="icu", bed_id="icu-1", patient_id=None, connected=frozenset()
     )
     assert again.assignee == "nils"
+
+
+async def test_two_clinicians_setting_the_same_override_at_once_leave_one(db: Database) -> None:
+    ov = {
+        "condition": "spo2_low",
+        "priority": None,
+        "delay_ms": None,
+        "expires_at": T0 + 60_000,
+        "reason": "",
+    }
+    await asyncio.gather(
+        *(
+            set_override(
+                db, patient_id="P-1", site_id="s1", override={**ov, "threshold": t}, at=T0, actor=who
+            )
+            for t, who in ((85.0, "dora"), (86.0, "dave"), (87.0, "carl"))
+        )
+    )
+    [only] = await list_overrides(db, "P-1")
+    assert (only["threshold"], only["set_by"]) in {(85.0, "dora"), (86.0, "dave"), (87.0, "carl")}
