@@ -1,45 +1,60 @@
-"""The scaled live feed: a Redis Stream per site, read by every API node through the `LiveFeed` port.
+"""The scaled live feed: a Redis Stream per site, filled from `vigil.live.v1` by the workers' relay.
 
-Cursors stay integers, honestly: every live record gets a number from ONE Redis counter
-(`vigil:live:seq`), in the same Lua script that appends it to its site's stream, with that number as its
-stream id (`{seq}-0`). A script runs atomically on the Redis server, so numbers are handed out in commit
-order across all site streams: once a reader sees record n, every record below n is in its stream (or was
-trimmed). A node reads all site streams in one MULTI/EXEC and merges them by number, so every node sees the
-same records under the same cursors, and a cursor from one node resumes on any other after a reconnect.
-A composite cursor (one stream id per site) is not needed for that; it would only be needed with several
-Redis servers (or a cluster that splits the site streams), which this design does not support.
+Cursors are the live topic's Kafka offsets (plus one), as the embedded runtime's are its log offsets: the
+topic has one partition, so its offsets are one number line across every site. `LiveRelay` (run by every
+`vigil worker`; one of them at a time holds the partition, through the consumer group `vigil-live-relay`)
+reads the topic in offset order and appends each record to its site's stream under the id `{offset+1}-0`.
+A node reads all site streams in one MULTI/EXEC and merges them by number, so every node sees the same
+records under the same cursors, and a cursor from one node resumes on any other after a reconnect.
+
+The relay's position is kept in Redis itself (`vigil:live:seq`, the newest cursor appended), written by the
+same Lua script, atomically with the record: a retried or replayed record at or below it is skipped, so
+nothing is appended twice and nothing is skipped. A relay that finds the position BELOW what it already
+wrote (Redis restarted without its data, or lost its last second of AOF) seeks back to that position and
+replays from Kafka (which keeps the live topic an hour): the site streams and latest values are rebuilt under
+the same cursors, and the API nodes, whose positions are ahead, push only what they had not. When Redis is
+down the relay retries the same records until it answers: the boards wait, the stream processors (vitals,
+alarms) never do, because they only write the live topic to Kafka (docs/WORKER.md).
+
+Idempotent by record id too: the worker emits to Kafka at least once (a crash between its effects and its
+state commit re-emits a batch under new offsets), so the script also claims `vigil:live:seen:{event key}`
+(SET NX, kept as long as the replay window); a copy advances the position and appends nothing. About 100
+bytes of Redis memory per live record in the window.
 
 Trimming by age: the script keeps a coarse clock (`vigil:live:marks`, one number per second) and, once a
 second, trims every site stream below the first number written at least `retention` ago (XTRIM MINID,
 exact), then records the highest number that may have been trimmed in `vigil:live:trimmed`. `oldest()` is
-that plus one: a resume from before it answers `resync` (some record after the client's cursor is gone).
-
-Idempotent appends: the script first claims `vigil:live:seen:{event key}` (SET NX, kept as long as the
-replay window): a redelivered worker batch appends nothing twice, so clients never see a record twice.
-Costs about 100 bytes of Redis memory per live record in the window.
+that plus one: a resume from before it answers `resync` (some record after the client's cursor is gone). A
+relay that resumes past records it never appended (Kafka's retention deleted them first) marks them trimmed
+the same way.
 
 `RedisLatest` keeps the newest value per code of each patient (hash `vigil:latest:patient:{id}`, code ->
-JSON of value/unit/ts/flags/device_id), written by the worker, read by the API's patient snapshot and board.
+JSON of value/unit/ts/flags/device_id), written by the relay, read by the API's patient snapshot and board.
 
-Redis must keep its data across restarts in production (AOF): a Redis that comes back empty restarts the
-counter, and cursors issued before it are answered `resync` (they are past the end) until the counter
-catches up with them (then they would resume at the wrong place).
+The live topic's offsets must only grow: if the topic is deleted and recreated, delete `vigil:live:*` too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
 
 from streams.clock import Clock
 from streams.live import LiveRecord
+from streams.metrics import PROCESSOR_ERRORS, REGISTRY
 from streams.ports import VitalPoint, VitalsStore
 from streams.schemas import Alert, Event, LiveUpdate, decode, encode
+
+log = logging.getLogger(__name__)
 
 PREFIX = "vigil:live"
 LATEST_PREFIX = "vigil:latest:patient"
@@ -47,31 +62,55 @@ DEFAULT_RETENTION_S = 3600.0  # the replay window is at least 10 minutes (contra
 MIN_RETENTION_S = 600.0
 LATEST_TTL_S = 7 * 86400  # a patient's latest values are forgotten a week after the last one
 NO_SITE = "_"
+RELAY_GROUP = "vigil-live-relay"  # the Kafka consumer group of the workers' relays
+RELAY_BATCH = 500  # live records per relay batch
+RELAY_TIMEOUT_S = 5.0  # a Redis call that takes longer has failed (a hung Redis must not hang the relay)
 
-# KEYS: seq, sites, marks, trimmed, stream, seen. ARGV: site, payload, retention ms, seen ttl s, prefix.
+RELAYED = Counter("vigil_live_relayed_total", "Live records the relay appended to Redis", registry=REGISTRY)
+RELAY_FAILING = Gauge(
+    "vigil_live_relay_failing", "1 while the relay cannot write to Redis (the boards wait)", registry=REGISTRY
+)
+RELAY_REPLAYS = Counter(
+    "vigil_live_relay_replays_total",
+    "Times the relay found Redis holding less than it wrote and replayed from Kafka",
+    registry=REGISTRY,
+)
+
+# KEYS: seq, sites, marks, trimmed, stream, seen. ARGV: site, payload, cursor, expected position,
+# resumed (1: the first record read after a seek), retention ms, seen ttl s, prefix.
+# Answers the cursor appended; 0: at or below the position, or a copy (skipped); -1: the position is below
+# what the relay wrote before (Redis lost data): nothing is written, the relay seeks back and replays.
 _APPEND = """
-if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', tonumber(ARGV[4])) then return 0 end
-local seq = redis.call('INCR', KEYS[1])
+local n = tonumber(ARGV[3])
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n <= last then return 0 end
+if last < tonumber(ARGV[4]) then return -1 end
+if ARGV[5] == '1' and n - 1 > last then
+  local was = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if n - 1 > was then redis.call('SET', KEYS[4], n - 1) end
+end
+redis.call('SET', KEYS[1], n)
+if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', tonumber(ARGV[7])) then return 0 end
 redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[5], seq .. '-0', 'e', ARGV[2])
+redis.call('XADD', KEYS[5], n .. '-0', 'e', ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
-if #last == 0 or now - tonumber(last[2]) >= 1000 then
-  redis.call('ZADD', KEYS[3], now, seq)
-  local cut = redis.call('ZREVRANGEBYSCORE', KEYS[3], now - tonumber(ARGV[3]), '-inf',
+local marks = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+if #marks == 0 or now - tonumber(marks[2]) >= 1000 then
+  redis.call('ZADD', KEYS[3], now, n)
+  local cut = redis.call('ZREVRANGEBYSCORE', KEYS[3], now - tonumber(ARGV[6]), '-inf',
     'WITHSCORES', 'LIMIT', 0, 1)
   if #cut > 0 then
     local c = tonumber(cut[1])
     for _, s in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-      redis.call('XTRIM', ARGV[5] .. ':' .. s, 'MINID', c .. '-0')
+      redis.call('XTRIM', ARGV[8] .. ':' .. s, 'MINID', c .. '-0')
     end
     local was = tonumber(redis.call('GET', KEYS[4]) or '0')
     if c - 1 > was then redis.call('SET', KEYS[4], c - 1) end
     redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. cut[2])
   end
 end
-return seq
+return n
 """
 
 # KEYS: the patient's hash. ARGV: ttl s, then (code, ts, json) triples. Newest device time per code wins.
@@ -106,8 +145,17 @@ def event_key(event: Event) -> str:
     return f"{schema}:{ident}"
 
 
+@dataclass(frozen=True, slots=True)
+class LiveIn:
+    """One record of the live topic as the relay appends it: its cursor (offset + 1) and its bytes."""
+
+    cursor: int
+    value: bytes
+    event: Event | None  # None: undecodable here (a newer schema); appended as it is, readers step over it
+
+
 class RedisLiveWriter:
-    """Appends live records to the site streams, idempotently (the worker's side)."""
+    """Appends live records to the site streams at their cursors, idempotently (the relay's side)."""
 
     def __init__(
         self, redis: Redis, *, retention_s: float = DEFAULT_RETENTION_S, prefix: str = PREFIX
@@ -121,22 +169,35 @@ class RedisLiveWriter:
         p = self._prefix
         return [f"{p}:seq", f"{p}:sites", f"{p}:marks", f"{p}:trimmed", f"{p}:{site}", f"{p}:seen:{key}"]
 
-    async def append(self, events: Iterable[Event]) -> list[int]:
-        """Append in order; answers each record's cursor (0: a copy of one appended before, skipped)."""
+    async def position(self) -> int:
+        """The newest cursor appended (0: none; Redis is empty or was restarted without its data)."""
+        return int(await self._redis.get(f"{self._prefix}:seq") or 0)
+
+    async def append(self, records: Sequence[LiveIn], *, expected: int, resumed: bool = False) -> list[int]:
+        """Append in cursor order, given the position the caller knows Redis holds (`expected`).
+
+        Answers per record its cursor, 0 when it was appended before (or is a copy), -1 when Redis holds less
+        than `expected` (it lost data: seek back to `position()` and replay). `resumed`: the first record is
+        the first read after a seek, so cursors skipped before it are gone for good (marked trimmed).
+        """
         pipe = self._redis.pipeline(transaction=False)
-        n = 0
-        for e in events:
-            site = site_of(e)
+        for i, r in enumerate(records):
+            if r.event is None:
+                site, key = NO_SITE, f"raw:{hashlib.sha256(r.value).hexdigest()[:32]}"
+            else:
+                site, key = site_of(r.event), event_key(r.event)
             args: list[bytes | str | int] = [
                 site,
-                encode(e),
+                r.value,
+                r.cursor,
+                expected,
+                1 if resumed and i == 0 else 0,
                 self._retention_ms,
                 self._retention_ms // 1000,
                 self._prefix,
             ]
-            await self._script(keys=self._keys(site, event_key(e)), args=args, client=pipe)
-            n += 1
-        if not n:
+            await self._script(keys=self._keys(site, key), args=args, client=pipe)
+        if not records:
             return []
         return [int(x) for x in await pipe.execute()]
 
@@ -298,22 +359,147 @@ class LatestFromRedis:
         return await self._inner.ready()
 
 
-class RedisLiveTee:
-    """The worker's bus: every record goes to `inner` (Kafka); live records ALSO go to the site streams and
-    latest values in Redis (after Kafka took them: a failure retries the batch; both sides deduplicate)."""
+class LiveRelay:
+    """Moves `vigil.live.v1` from Kafka to Redis: each record to its site's stream at its cursor, vitals to
+    the patients' latest values. Runs until cancelled; never raises (see the module docstring).
 
-    def __init__(self, inner: Any, writer: RedisLiveWriter, latest: RedisLatest, live_topic: str) -> None:
-        self._inner = inner
-        self._writer = writer
-        self._latest = latest
-        self._topic = live_topic
+    One consumer group (`group`) over the topic's one partition: one worker relays, the others stand by and
+    take over after a rebalance. No Kafka offset is committed: the position is `RedisLiveWriter.position()`,
+    read again on every assignment and after Redis lost data. While Redis fails, the same records are
+    retried (backing off to `retry_max`); the consumer keeps its group membership meanwhile.
+    """
 
-    async def append(self, records: Sequence[tuple[str, str, bytes]]) -> None:
-        await self._inner.append(records)
-        events = [decode(v) for t, _, v in records if t == self._topic]
-        if events:
-            await self._latest.write(e for e in events if isinstance(e, LiveUpdate))
-            await self._writer.append(events)
+    def __init__(
+        self,
+        bootstrap: Sequence[str],
+        redis: Redis,
+        *,
+        topic: str,
+        group: str = RELAY_GROUP,
+        retention_s: float = DEFAULT_RETENTION_S,
+        client_id: str = RELAY_GROUP,
+        retry_initial: float = 0.2,
+        retry_max: float = 2.0,
+    ) -> None:
+        self._bootstrap = list(bootstrap)
+        self._topic = topic
+        self._group = group
+        self._client_id = client_id
+        self._writer = RedisLiveWriter(redis, retention_s=retention_s)
+        self._latest = RedisLatest(redis)
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._seek = True  # (re)read the position from Redis before the next fetch
+        self._expected = 0  # the position Redis is known to hold
+        self._resumed = False
+        self.failing = False
+
+    async def run(self) -> None:
+        from aiokafka import AIOKafkaConsumer  # noqa: PLC0415
+        from aiokafka.abc import ConsumerRebalanceListener  # noqa: PLC0415
+
+        relay = self
+
+        class Reseek(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                return None
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                relay._seek = True
+
+        delay = self._retry_initial
+        while True:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self._bootstrap,
+                client_id=self._client_id,
+                group_id=self._group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=6000,
+                heartbeat_interval_ms=1000,
+                fetch_max_wait_ms=50,  # the relay is one hop of every alarm's way to the nurse
+                max_poll_interval_ms=24 * 3600 * 1000,  # a Redis outage may hold one batch for long
+            )
+            try:
+                consumer.subscribe([self._topic], listener=Reseek())
+                await consumer.start()
+                log.info("live relay: following %s into Redis", self._topic)
+                while True:
+                    await self._step(consumer)
+                    delay = self._retry_initial
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("live relay: Kafka consumer failed; restarting it", exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(consumer.stop(), 10)
+
+    async def _step(self, consumer: Any) -> None:
+        if self._seek and consumer.assignment():
+            await self._until_done(lambda: self._reposition(consumer))
+        batch = await consumer.getmany(timeout_ms=500, max_records=RELAY_BATCH)
+        for msgs in batch.values():
+            if msgs and not self._seek:
+                await self._relay(consumer, msgs)
+
+    async def _reposition(self, consumer: Any) -> None:
+        position = await self._writer.position()
+        for tp in consumer.assignment():
+            if position > 0:
+                consumer.seek(tp, position)  # cursor = offset + 1: the next offset to read
+            else:
+                await consumer.seek_to_beginning(tp)
+        self._expected, self._resumed, self._seek = position, True, False
+        log.info("live relay: resuming after cursor %d", position)
+
+    async def _relay(self, consumer: Any, msgs: Sequence[Any]) -> None:
+        records = []
+        for m in msgs:
+            try:
+                event: Event | None = decode(m.value)
+            except Exception:
+                log.exception("live relay: undecodable live record at offset %d, appended as it is", m.offset)
+                event = None
+            records.append(LiveIn(m.offset + 1, m.value, event))
+
+        async def once() -> None:
+            updates = [r.event for r in records if isinstance(r.event, LiveUpdate)]
+            await self._latest.write(updates)  # idempotent: the newest device time wins
+            got = await self._writer.append(records, expected=self._expected, resumed=self._resumed)
+            if -1 in got:
+                log.warning("live relay: Redis holds less than it was given (restarted empty?); replaying")
+                RELAY_REPLAYS.inc()
+                self._seek = True  # the next step seeks back to what Redis holds
+                return
+            self._expected, self._resumed = records[-1].cursor, False
+            RELAYED.inc(sum(1 for c in got if c > 0))
+
+        await self._until_done(once)
+
+    async def _until_done(self, attempt: Callable[[], Awaitable[None]]) -> None:
+        delay = self._retry_initial
+        while True:
+            try:
+                await asyncio.wait_for(attempt(), RELAY_TIMEOUT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                PROCESSOR_ERRORS.labels("live-relay").inc()
+                if not self.failing:
+                    log.warning("live relay: Redis failed; the boards wait, retrying", exc_info=True)
+                self.failing = True
+                RELAY_FAILING.set(1)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            if self.failing:
+                log.info("live relay: Redis answers again")
+            self.failing = False
+            RELAY_FAILING.set(0)
+            return
 
 
 PRESENCE_KEY = "vigil:presence"

@@ -19,11 +19,13 @@ the same batch until it succeeds. A crash (`kill -9`) between 3 and 5 replays th
 makes step 1 skip what was applied, and effects are idempotent (vitals by key, dead letters by id). Emits to
 Kafka are at-least-once: a crash after 3 and before 4 sends them again (consumers deduplicate by event id).
 
-With VIGIL_REDIS_URL set, live records (`vigil.live.v1`) ALSO go to Redis, after Kafka took them: each to
-its site's stream, which the API nodes fan out to websockets, and vitals to the patients' latest values
-(`streams/redis_live.py`). Kafka keeps the live topic for any other consumer. The Redis append deduplicates
-by event id, so a replayed batch never shows twice to clients. VIGIL_LIVE_RETENTION_S (default 3600, at
-least 600: the contract's 10-minute replay window) is how long the site streams keep records.
+With VIGIL_REDIS_URL set, the worker also runs the live relay (`streams/redis_live.py`, `LiveRelay`): a
+consumer of its own on `vigil.live.v1` that moves every live record (vitals, device state, alerts, pages,
+NEWS2) to its site's Redis stream, which the API nodes fan out to websockets, and vitals to the patients'
+latest values. The processors write the live topic to Kafka only, so a Redis outage delays the boards and
+never the vitals or the alarms; the relay's position is kept in Redis with the records, and it catches up
+when Redis answers (docs/WORKER.md). VIGIL_LIVE_RETENTION_S (default 3600, at least 600: the contract's
+10-minute replay window) is how long the site streams keep records.
 """
 
 from __future__ import annotations
@@ -59,9 +61,7 @@ from streams.processors.device import DeviceStage
 from streams.redis_live import (
     DEFAULT_RETENTION_S,
     MIN_RETENTION_S,
-    RedisLatest,
-    RedisLiveTee,
-    RedisLiveWriter,
+    LiveRelay,
     RedisPresence,
 )
 from streams.schemas import DeadLetter, decode
@@ -314,15 +314,12 @@ class Services:
             async def deadletters(items: Sequence[DeadLetter]) -> None:
                 await add_deadletters(db, items)
 
-            appender: Any = self.bus
-            if s.redis_url:
-                appender = self._redis_tee(s.redis_url, self.bus)
             if self.clinical is not None:
                 presence = self._presence(s.redis_url)
                 self.clinical.attach(EscalationDirectory(db), presence)
                 await self.clinical.start()
             sink: EffectSink = PortEffects(
-                bus=appender,
+                bus=self.bus,
                 vitals=self.vitals,
                 deadletters=deadletters,
                 clock=self.clock,
@@ -337,27 +334,28 @@ class Services:
             self.sink = sink
 
     def _presence(self, url: str | None) -> Callable[[], Awaitable[frozenset[str]]]:
-        """Who is connected to any API node (Redis), for escalation; nobody without Redis."""
+        """Who is connected to any API node (Redis), for escalation; nobody without Redis. While Redis fails,
+        the last set read (escalation must neither stall nor treat everyone as gone because Redis is)."""
         if not url:
 
             async def nobody() -> frozenset[str]:
                 return frozenset()
 
             return nobody
-        from redis.asyncio import Redis  # noqa: PLC0415
-
         if self.redis is None:
-            self.redis = Redis.from_url(url)
-        return RedisPresence(self.redis, self.clock).connected
+            self.redis = redis_client(url)
+        presence = RedisPresence(self.redis, self.clock)
+        last: frozenset[str] = frozenset()
 
-    def _redis_tee(self, url: str, bus: KafkaBus) -> RedisLiveTee:
-        from redis.asyncio import Redis  # noqa: PLC0415
+        async def connected() -> frozenset[str]:
+            nonlocal last
+            try:
+                last = await presence.connected()
+            except Exception:
+                log.warning("presence not read from Redis; keeping the last %d users", len(last))
+            return last
 
-        if self.redis is None:
-            self.redis = Redis.from_url(url)
-        retention = max(MIN_RETENTION_S, float(self.env.get(LIVE_RETENTION_ENV) or DEFAULT_RETENTION_S))
-        writer = RedisLiveWriter(self.redis, retention_s=retention)
-        return RedisLiveTee(bus, writer, RedisLatest(self.redis), topics.LIVE)
+        return connected
 
     def the_store(self) -> SqlStateStore:
         assert self.store is not None
@@ -366,6 +364,26 @@ class Services:
     def the_sink(self) -> EffectSink:
         assert self.sink is not None
         return self.sink
+
+
+def redis_client(url: str) -> Any:
+    """A Redis client whose calls fail within seconds instead of hanging on a Redis that stopped answering."""
+    from redis.asyncio import Redis  # noqa: PLC0415
+
+    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=10)
+
+
+def live_relay(settings: Settings, env: dict[str, str]) -> LiveRelay:
+    """The relay from the live topic to Redis (module docstring); its Redis client opens on faust's loop."""
+    assert settings.redis_url is not None and settings.kafka_url is not None
+    retention = max(MIN_RETENTION_S, float(env.get(LIVE_RETENTION_ENV) or DEFAULT_RETENTION_S))
+    return LiveRelay(
+        bootstrap_servers(settings.kafka_url),
+        redis_client(settings.redis_url),
+        topic=topics.LIVE,
+        retention_s=retention,
+        client_id=f"{APP_ID}-relay-{socket.gethostname()}-{settings.http_port}",
+    )
 
 
 async def _handle(runner: BatchRunner, events: Sequence[Any]) -> None:
@@ -517,6 +535,13 @@ def main(settings: Settings, env: dict[str, str] | None = None) -> None:
             await _serve_http(settings.host, settings.http_port, runners)
 
         app.task(http)
+    if settings.redis_url:
+        relay = live_relay(settings, e)
+
+        async def relay_live() -> None:
+            await relay.run()
+
+        app.task(relay_live)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     sys.argv = [sys.argv[0], "worker"]  # faust.Worker must not read `vigil`'s own arguments

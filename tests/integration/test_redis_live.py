@@ -1,18 +1,23 @@
-"""`RedisLiveFeed` on a throwaway redis-server: the same cursors on every reader, resync past the trim."""
+"""`RedisLiveFeed` on a throwaway redis-server: the same cursors on every reader, resync past the trim; the
+relay from a real tansu: every record once, through a Redis restart and a Redis that lost its data."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from api.livehub import resume_decision
-from streams.redis_live import RedisLatest, RedisLiveFeed, RedisLiveWriter
-from streams.schemas import LiveUpdate, ObsItem
+from streams import topics
+from streams.redis_live import LiveIn, LiveRelay, RedisLatest, RedisLiveFeed, RedisLiveWriter
+from streams.schemas import Alert, Event, LiveUpdate, ObsItem, encode
+from tests.servers_kafka import tansu
 from tests.servers_redis import RedisServer, redis_server
 
 pytestmark = [pytest.mark.integration]
@@ -32,6 +37,18 @@ def upd(n: int, *, site: str = "north", value: float = 72, ts: int = T0, patient
         device_id=f"mon-{site}",
         items=(ObsItem("MDC_ECG_HEART_RATE", value, "/min", ts + n),),
     )
+
+
+async def soon(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return cond()
+
+
+def at(first: int, *events: Event) -> list[LiveIn]:
+    """`events` as the relay reads them from the live topic, from cursor `first` on."""
+    return [LiveIn(first + i, encode(e), e) for i, e in enumerate(events)]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +81,9 @@ async def test_append_after_wait_and_the_same_cursors_on_two_readers(
     assert time.monotonic() - began >= 0.25
 
     # Two sites, interleaved: one number line across both streams.
-    assert await writer.append([upd(1), upd(1, site="south"), upd(2), upd(2, site="south")]) == [1, 2, 3, 4]
+    four = at(1, upd(1), upd(1, site="south"), upd(2), upd(2, site="south"))
+    assert await writer.append(four, expected=0) == [1, 2, 3, 4]
+    assert await writer.position() == 4
     assert feed.end() == 1  # refreshed by reads only
     got = await feed.after(0)
     sites = [(r.cursor, getattr(r.event, "site_id", None)) for r in got]
@@ -79,30 +98,47 @@ async def test_append_after_wait_and_the_same_cursors_on_two_readers(
     waiting = asyncio.create_task(feed.wait(4, 5.0))
     await asyncio.sleep(0.1)
     assert not waiting.done()
-    await writer.append([upd(3, site="south")])
+    await writer.append(at(5, upd(3, site="south")), expected=4)
     await asyncio.wait_for(waiting, 2.0)
     assert [r.cursor for r in await feed.after(4)] == [5]
     await other_redis.aclose()
 
 
-async def test_a_redelivered_batch_is_appended_once(redis: Redis) -> None:
+async def test_a_record_is_appended_once_at_its_cursor_even_when_retried_or_emitted_twice(
+    redis: Redis,
+) -> None:
     writer = RedisLiveWriter(redis)
     feed = RedisLiveFeed(redis)
-    batch = [upd(1), upd(2), upd(1, site="south")]
-    assert await writer.append(batch) == [1, 2, 3]
-    assert await writer.append(batch) == [0, 0, 0]  # the worker retried the batch after a crash
-    assert await writer.append([upd(3), upd(2)]) == [4, 0]
+    batch = at(1, upd(1), upd(2), upd(1, site="south"))
+    assert await writer.append(batch, expected=0) == [1, 2, 3]
+    assert await writer.append(batch, expected=3) == [0, 0, 0]  # the relay retried the batch
+    # The worker emitted upd(2) twice (at least once): the copy, at cursor 5, advances the position only.
+    assert await writer.append(at(4, upd(3), upd(2)), expected=3) == [4, 0]
+    assert await writer.position() == 5
     assert [r.cursor for r in await feed.after(0)] == [1, 2, 3, 4]
+
+
+async def test_a_redis_that_lost_data_is_told_apart_from_a_gap_in_kafka(redis: Redis) -> None:
+    writer = RedisLiveWriter(redis)
+    feed = RedisLiveFeed(redis)
+    await writer.append(at(1, upd(1), upd(2)), expected=0)
+    await redis.flushdb()  # restarted without its data
+    assert await writer.append(at(3, upd(3)), expected=2) == [-1]  # the relay must replay from position 0
+    assert await writer.position() == 0 and await feed.after(0) == []
+    # Replayed after a seek to the oldest record Kafka still has (cursor 2: Kafka's retention took 1).
+    assert await writer.append(at(2, upd(2), upd(3)), expected=0, resumed=True) == [2, 3]
+    assert await feed.oldest() == 2  # a client still at cursor 0 must resync: record 1 is gone
+    assert [r.cursor for r in await feed.after(0)] == [2, 3]
 
 
 async def test_trimmed_by_age_and_a_cursor_from_before_it_must_resync(redis: Redis) -> None:
     writer = RedisLiveWriter(redis, retention_s=1.0)
     feed = RedisLiveFeed(redis)
-    await writer.append([upd(1), upd(1, site="south"), upd(2)])  # 1-3, the first clock mark
+    await writer.append(at(1, upd(1), upd(1, site="south"), upd(2)), expected=0)  # 1-3, the first mark
     await asyncio.sleep(1.1)
-    await writer.append([upd(3)])  # 4: a mark; nothing is a window old yet but number 1's mark
+    await writer.append(at(4, upd(3)), expected=3)  # 4: a mark; nothing is a window old but number 1's mark
     await asyncio.sleep(1.1)
-    await writer.append([upd(2, site="south")])  # 5: everything before 4's mark is older than the window
+    await writer.append(at(5, upd(2, site="south")), expected=4)  # 5: all before 4's mark is older
     oldest = await feed.oldest()
     assert oldest == 4
     got = await feed.after(0)
@@ -124,11 +160,14 @@ async def test_resume_across_readers_has_no_gap_and_no_duplicate_at_the_seam(
     node2_redis = Redis.from_url(server.url)
     node2 = RedisLiveFeed(node2_redis)
     try:
-        await writer.append([upd(i, site="north" if i % 2 else "south") for i in range(1, 7)])
+        await writer.append(
+            at(1, *(upd(i, site="north" if i % 2 else "south") for i in range(1, 7))), expected=0
+        )
         seen = await node1.after(0, limit=4)
         last = seen[-1].cursor
-        await writer.append([upd(i, site="north" if i % 3 else "south") for i in range(7, 10)])
-        await writer.append([upd(2, site="south")])  # a redelivery arriving meanwhile: not shown again
+        more = at(7, *(upd(i, site="north" if i % 3 else "south") for i in range(7, 10)))
+        await writer.append(more, expected=6)
+        await writer.append(at(10, upd(2, site="south")), expected=9)  # a copy emitted again: not shown
         resumed = await node2.after(last)
         ids = [getattr(r.event, "id", None) for r in (*seen, *resumed)]
         assert len(ids) == len(set(ids)) == 9
@@ -148,23 +187,74 @@ async def test_latest_values_per_patient_keep_the_newest_device_time(redis: Redi
     assert await latest.latest("P-3") == {}
 
 
-async def test_the_worker_tee_sends_to_kafka_and_live_records_once_to_redis(redis: Redis) -> None:
-    from streams import topics  # noqa: PLC0415
-    from streams.redis_live import RedisLiveTee  # noqa: PLC0415
-    from streams.schemas import encode  # noqa: PLC0415
+async def test_the_relay_moves_every_live_record_once_through_a_redis_restart_and_a_data_loss(
+    tmp_path: Path,
+) -> None:
+    """Records of every kind, produced to a real tansu; Redis stops mid-stream, comes back, then loses
+    everything: the site streams end with every record once, at its Kafka offset + 1."""
 
-    class Bus:
-        def __init__(self) -> None:
-            self.records: list[tuple[str, str, bytes]] = []
+    def alert(n: int) -> Alert:
+        return Alert(
+            id=f"P-1~spo2_low~{n}",
+            version=1,
+            patient_id="P-1",
+            bed_id="north-1",
+            site_id="north",
+            unit_id="icu",
+            condition="spo2_low",
+            priority="medium",
+            status="active_unack",
+            raised_at=T0 + n,
+            updated_at=T0 + n,
+        )
 
-        async def append(self, records: Sequence[tuple[str, str, bytes]]) -> None:
-            self.records.extend(records)
+    events: list[Event] = [upd(i) if i % 5 else alert(i) for i in range(1, 61)]
+    with tansu(tmp_path / "tansu") as kafka, redis_server(tmp_path / "redis") as server:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+        await producer.start()
+        r = Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
+        relay = LiveRelay([kafka.bootstrap], r, topic=topics.LIVE, retry_max=0.5)
+        task = asyncio.create_task(relay.run())
+        reader = Redis.from_url(server.url)
+        feed = RedisLiveFeed(reader)
 
-    bus = Bus()
-    tee = RedisLiveTee(bus, RedisLiveWriter(redis), RedisLatest(redis), topics.LIVE)
-    batch = [(topics.LIVE, "north-1", encode(upd(1, value=91))), ("vigil.other.v1", "k", b"x")]
-    await tee.append(batch)
-    await tee.append(batch)  # the worker retried the batch: Kafka gets it twice, clients once
-    assert len(bus.records) == 4
-    assert [r.cursor for r in await RedisLiveFeed(redis).after(0)] == [1]
-    assert (await RedisLatest(redis).latest("P-1"))["MDC_ECG_HEART_RATE"].value == 91.0
+        async def send(batch: Sequence[Event]) -> None:
+            for e in batch:
+                await producer.send_and_wait(topics.LIVE, encode(e), key=b"north")
+
+        async def relayed(n: int) -> list[int]:
+            for _ in range(300):
+                try:
+                    got = [x.cursor for x in await feed.after(0, 10_000)]
+                except Exception:
+                    got = []
+                if len(got) >= n:
+                    return got
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"relayed {len(got)} of {n}")
+
+        try:
+            await send(events[:20])
+            assert await relayed(20) == list(range(1, 21))
+            server.stop()
+            await send(events[20:40])  # Kafka takes them; the relay retries Redis
+            assert await soon(lambda: relay.failing)
+            server.start()  # the same port, without its data: the relay replays the whole topic
+            await send(events[40:50])
+            assert await relayed(50) == list(range(1, 51))
+            await reader.flushdb()  # lost everything again, while running
+            await send(events[50:])
+            got = await relayed(60)
+            assert got == list(range(1, 61))
+            ids = [getattr(x.event, "id", None) for x in await feed.after(0, 10_000)]
+            assert ids == [e.id for e in events]  # type: ignore[union-attr]
+            assert await soon(lambda: not relay.failing)
+            latest = await RedisLatest(reader).latest("P-1")
+            assert latest["MDC_ECG_HEART_RATE"].ts == T0 + 59
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await producer.stop()
+            await r.aclose()
+            await reader.aclose()
