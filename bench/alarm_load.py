@@ -115,9 +115,12 @@ class Tally:
     def summary(self, beds: int, hours: float) -> dict[str, Any]:
         bed_days = beds * hours / 24
         per = (lambda n: round(n / bed_days, 2)) if bed_days else (lambda n: 0.0)
+        announced = self.raised + sum(self.reannounced.values())
         return {
             "alarms": self.raised,
             "alarms_per_bed_day": per(self.raised),
+            "announcements": announced,
+            "announcements_per_bed_day": per(announced),
             "by_priority": dict(self.by_priority.most_common()),
             "by_kind": dict(self.by_kind.most_common()),
             "by_condition": dict(self.by_condition.most_common()),
@@ -134,6 +137,7 @@ class Tally:
                 "technical": per(self.by_kind["technical"]),
                 "news2": per(self.by_kind["news2"]),
                 "reannounced": per(sum(self.reannounced.values())),
+                "announcements": per(announced),
                 "pages": per(self.pages),
             },
             "reannounced": dict(self.reannounced.most_common()),
@@ -409,6 +413,8 @@ def replay(
     if "shipped" in part.tallies and "naive" in part.tallies:
         shipped, naive = part.tallies["shipped"], part.tallies["naive"]
         result["ratio"] = round(naive.raised / shipped.raised, 2) if shipped.raised else None
+        said, naive_said = (t.raised + sum(t.reannounced.values()) for t in (shipped, naive))
+        result["ratio_announcements"] = round(naive_said / said, 2) if said else None
         phys = shipped.by_kind["physiological"]
         result["ratio_physiological"] = round(naive.by_kind["physiological"] / phys, 2) if phys else None
     return result

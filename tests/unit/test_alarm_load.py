@@ -28,11 +28,13 @@ def test_shipped_rules_alarm_less_than_naive_thresholds_on_the_same_trace() -> N
         assert s["alarms"] == sum(s["by_priority"].values()) == sum(s["by_kind"].values())
         assert s["alarms"] == sum(s["by_condition"].values()) == sum(s["by_scenario"].values())
         assert set(s["per_bed_day"]) >= {"alarms", "high", "medium", "low", "pages", "reannounced"}
+        assert s["announcements"] == s["alarms"] + sum(s["reannounced"].values())
         assert s["alarms_per_bed_day"] == pytest.approx(s["alarms"] / (7 * 0.1 / 24), abs=0.01)
         assert s["pages"] > 0 and s["acks"] > 0  # a staffed ward is paged, and the nurse acknowledges
         assert s["by_kind"]["technical"] > 0  # lead-off, offline, pump occlusion, artifact
     shipped, naive = result["shipped"], result["naive"]
     assert shipped["alarms"] < naive["alarms"]
+    assert shipped["announcements"] < naive["announcements"]
     assert shipped["by_kind"]["physiological"] < naive["by_kind"]["physiological"]
     assert shipped["by_kind"]["technical"] == naive["by_kind"]["technical"]  # the rules change none of them
     assert result["ratio"] == round(naive["alarms"] / shipped["alarms"], 2) > 1
