@@ -49,7 +49,7 @@ default:
 """
 
 
-def test_config(root: Path) -> dict[str, str]:
+def fast_config(root: Path) -> dict[str, str]:
     """The shipped rules with a faster escalation, so escalation tests take seconds, not minutes."""
     conf = root / "config"
     conf.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def test_config(root: Path) -> dict[str, str]:
 def hub(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnyHub]:
     """The hub of one runtime, started once for the module."""
     root = tmp_path_factory.mktemp(f"parity-{request.param}")
-    env = test_config(root)
+    env = fast_config(root)
     h: AnyHub = (
         Hub(root / "hub", env_extra=env)
         if request.param == "embedded"

@@ -161,7 +161,8 @@ async def test_kill9_mid_stream_then_resends_lose_and_double_nothing(
                 return False
 
         await wait_for(dups_counted, 20, "the resent events to be counted as duplicates", w2_proc)
-        assert await metric(port2, "vigil_processor_errors_total", 'processor="device"') >= FAIL_BATCHES
+        # The injected failures fall on whichever processors' batches come first (device, clinical, ...).
+        assert await metric(port2, "vigil_processor_errors_total") >= FAIL_BATCHES
         assert await metric(port2, "vigil_worker_events_total", 'processor="device"') > 0
         async with httpx.AsyncClient() as client:
             health = await client.get(f"http://127.0.0.1:{port2}/healthz", timeout=5)
