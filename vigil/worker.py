@@ -51,7 +51,7 @@ from streams import topics
 from streams.clock import Clock, SystemClock
 from streams.effects import Effect, EffectSink
 from streams.kafka import KafkaBus, KafkaSettings, bootstrap_servers, ensure_topics, kafka_partition
-from streams.metrics import PROCESSOR_ERRORS, REGISTRY
+from streams.metrics import PROCESSOR_ERRORS, REGISTRY, VITALS_BACKLOG
 from streams.pgstate import SqlStateStore
 from streams.ports import LogRecord, VitalsStore
 from streams.processor import Processor
@@ -265,7 +265,9 @@ def make_vitals(settings: Settings, clock: Clock, env: dict[str, str]) -> Vitals
         return SqliteVitalsStore(Path(path))
     from vigil.embedded import make_vitals_store  # noqa: PLC0415 - pulls in the whole embedded hub
 
-    store, _ = make_vitals_store(settings, clock)
+    store, buffer = make_vitals_store(settings, clock)
+    if buffer is not None:  # read at each scrape: the points this process holds on disk for the store
+        VITALS_BACKLOG.set_function(buffer.backlog)
     return store
 
 
