@@ -455,6 +455,7 @@ def main() -> int:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
+    commit = _git_commit()  # at the start: the code that runs is the code imported now
     rule_paths = {"shipped": args.rules, "naive": args.naive}
     ack = None if args.ack_after < 0 else args.ack_after
     prof = cProfile.Profile() if args.profile else None
@@ -488,7 +489,7 @@ def main() -> int:
         "ratio": result.pop("ratio"),
         **result,
         "seconds": round(seconds, 1),
-        "git": _git_commit(),
+        "git": commit,
         "box": f"{platform.node()} {platform.machine()} python {platform.python_version()}",
     }
     print(json.dumps(out))
