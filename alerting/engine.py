@@ -251,13 +251,17 @@ class ClinicalEngine:
         self._artifact_verdict(st, rx, meta.device_id, out)
 
     def _artifact_verdict(self, st: ClinicalState, at: int, device_id: str, out: list[Effect]) -> None:
-        running = any(
-            len([t for t in times if t > at - ARTIFACT_WINDOW_MS]) >= ARTIFACT_RUN
-            for times in st.artifacts.values()
-        )
+        running = self._artifact_run_on(st, at) or any("artifact" in c for c in st.tech.values())
         open_ = "artifact" in st.book.alarms and st.book.alarms["artifact"].condition_true
         if running != open_:
             self._technical_verdict(st, "artifact", running, at, device_id, out)
+
+    @staticmethod
+    def _artifact_run_on(st: ClinicalState, at: int) -> bool:
+        return any(
+            len([t for t in times if t > at - ARTIFACT_WINDOW_MS]) >= ARTIFACT_RUN
+            for times in st.artifacts.values()
+        )
 
     def _technical(
         self, st: ClinicalState, source: str, now: set[str], meta: Meta, out: list[Effect]
@@ -279,6 +283,8 @@ class ClinicalEngine:
                 )
                 self._apply(st, ev, at, out)
             active_anywhere = any(cond in c for c in st.tech.values())
+            if cond == "artifact":  # a status's low signal and a run of artifact readings are one alarm
+                active_anywhere = active_anywhere or self._artifact_run_on(st, at)
             self._technical_verdict(st, cond, active_anywhere, at, device_id, out)
 
     def _technical_verdict(

@@ -348,3 +348,11 @@ def test_heart_rate_zero_is_asystole_not_an_artifact(value: float) -> None:
     for i in range(8):
         run.feed(obs(T0 + i * S, i + 1, hr=value, spo2=97))
     assert run.latest("hr_extreme_low").priority == "high"
+
+
+def test_low_signal_status_and_an_artifact_run_are_one_alarm_that_does_not_flap() -> None:
+    run = Run()
+    run.feed(DeviceStatus(meta(T0, seq=1, kind="status"), 0.9, ("low_signal",)))
+    run.feed(obs(T0 + S, 2, spo2=97, hr=80))  # a clean reading while the status still says low signal
+    assert run.latest("artifact").status == "active_unack"
+    assert len({a.id for a in run.alerts() if a.condition == "artifact"}) == 1
