@@ -208,7 +208,8 @@ class ClinicalEngine:
         if not usable:
             return
         ruleset = self._rules()
-        rules_now = effective_rules(ruleset, st.unit_id, st.overrides, meta.received_at)
+        # Labels and units only: an override changes neither, so the unit's rules (no rebuild) suffice.
+        rules_now = ruleset.rules_for(st.unit_id)
         st.rules, signals = evaluate(
             ruleset, st.rules, usable, meta.received_at, st.overrides, unit_id=st.unit_id
         )
