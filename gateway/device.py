@@ -23,7 +23,11 @@ class DeviceInfo:
 class DeviceDirectory(Protocol):
     """Device lookups for the gateway; answers from a cache that follows registry changes within a second."""
 
-    async def get(self, device_id: str) -> DeviceInfo | None: ...
+    def cached(self, device_id: str) -> DeviceInfo | None:
+        """The device as the cache knows it now, without waiting (None: not in the cache)."""
+
+    async def get(self, device_id: str) -> DeviceInfo | None:
+        """The device, looking in the records when the cache lacks it (a device added a moment ago)."""
 
     async def check_secret(self, device_id: str, secret: str) -> bool: ...
 

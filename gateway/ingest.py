@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.device import DeviceDirectory
+from gateway.device import DeviceDirectory, DeviceInfo
 from gateway.outcome import Outcome
 from streams import topics
 from streams.clock import Clock
@@ -74,8 +75,9 @@ class Ingestor:
         outcomes: list[Outcome] = []
         counted: list[tuple[str, str]] = []
         reasons: list[str] = []
+        devices = await self._lookup(offers)
         for i, o in enumerate(offers):
-            device = await self._directory.get(o.device_id)
+            device = devices.get(o.device_id)
             if device is None or not device.enabled:
                 dl = deadletter(
                     Outcome.UNKNOWN_DEVICE.value,
@@ -119,6 +121,20 @@ class Ingestor:
         for reason in reasons:
             DEADLETTER_TOTAL.labels(reason).inc()
         return outcomes
+
+    async def _lookup(self, offers: Sequence[Offer]) -> dict[str, DeviceInfo | None]:
+        """The batch's devices; the ids the directory must look up are looked up together (one query)."""
+        found: dict[str, DeviceInfo | None] = {}
+        for o in offers:
+            if o.device_id not in found:
+                found[o.device_id] = self._directory.cached(o.device_id)
+        missing = [i for i, d in found.items() if d is None]
+        if missing:
+            for device_id, device in zip(
+                missing, await asyncio.gather(*(self._directory.get(i) for i in missing)), strict=True
+            ):
+                found[device_id] = device
+        return found
 
     async def refuse(
         self,

@@ -55,6 +55,7 @@ class Registry:
         self._lock = asyncio.Lock()
         self._miss_reload: asyncio.Task[None] | None = None
         self._last_miss_reload = float("-inf")
+        self._miss_looking = False  # the latest miss look has begun reading the database
         self._poller: asyncio.Task[None] | None = None
 
     @property
@@ -122,6 +123,10 @@ class Registry:
             self._entries, self._plain, self._version = entries, plain, version
             return True
 
+    def cached(self, device_id: str) -> DeviceInfo | None:
+        entry = self._entries.get(device_id)
+        return None if entry is None else entry.info
+
     async def get(self, device_id: str) -> DeviceInfo | None:
         entry = self._entries.get(device_id)
         if entry is None:
@@ -149,19 +154,28 @@ class Registry:
         return {i: e.secret for i, e in self._entries.items() if e.secret is not None and e.info.enabled}
 
     async def _after_miss(self, device_id: str) -> _Entry | None:
-        """One look at the database for an unknown id, shared by every miss and at most one per interval.
+        """Look at the database for an id the map lacks, with a look that starts after the miss was asked.
 
-        A brand-new device thus works at once, and a flood of unknown ids costs one query per interval.
+        A brand-new device thus works at once: its first message is never answered "unknown" from a map read
+        before the device was added (the broker may already let it in). Misses asked together share one look,
+        and looks start at most once per interval, so a flood of unknown ids costs one query per interval.
         """
+        asked = self._clock.monotonic()
         task = self._miss_reload
-        if task is None or task.done():
-            now = self._clock.monotonic()
-            if now - self._last_miss_reload < self._miss_interval:
-                return None
-            self._last_miss_reload = now
-            task = self._miss_reload = asyncio.create_task(self._quiet_refresh(), name="registry-miss-reload")
+        if task is None or task.done() or self._miss_looking:  # join a look only if it has not begun
+            start = max(asked, self._last_miss_reload + self._miss_interval)
+            self._last_miss_reload = start
+            self._miss_looking = False
+            task = self._miss_reload = asyncio.create_task(self._look_at(start), name="registry-miss-reload")
         await asyncio.shield(task)
         return self._entries.get(device_id)
+
+    async def _look_at(self, start: float) -> None:
+        wait = start - self._clock.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._miss_looking = True
+        await self._quiet_refresh()
 
     async def _quiet_refresh(self) -> None:
         try:

@@ -81,6 +81,9 @@ class Directory:
         self.secrets[device_id] = secret
         return secret
 
+    def cached(self, device_id: str) -> DeviceInfo | None:
+        return self.devices.get(device_id)
+
     async def get(self, device_id: str) -> DeviceInfo | None:
         return self.devices.get(device_id)
 
