@@ -38,6 +38,7 @@ LOAD_UNITS, BEDS_PER_UNIT = 10, 20  # 200 load monitors
 PROBES = 100  # monitors in their own unit, each publishing every --probe-period s (never merged)
 PROBE_UNIT = "bench-probe"
 RAW_TOPIC = "bench.raw.{phase}"
+INGEST_TOPIC = "vigil.ingest.v1"
 
 
 # ------------------------------------------------------------------------------------------ CPU meters
@@ -381,6 +382,47 @@ class Bench:
             "cpu_pct": cpu,
         }
 
+    def drain(self, boot: str) -> dict[str, Any]:
+        """The workers alone: with them stopped, the gateway puts a flood into Kafka; then they start on the
+        backlog, timed from the first live record they produce to the last (their start-up and the group's
+        rebalance are not counted). What one worker can take, whatever feeds it."""
+        a = self.a
+        workers = self.workers()
+        for w in workers:
+            self.stack.parts[w].stop()
+        ingest_metric = f'vigil_kafka_records_total{{topic="{INGEST_TOPIC}"}}'
+        before = self.metric("gateway1", ingest_metric)
+        pub, rx = self.publish(self.load, a.count, 0, boot)
+        sent = rx.recv() if rx.poll(a.limit + 60) else {"sent": 0, "t0": 0}
+        pub.join(10)
+        deadline = time.monotonic() + a.limit
+        while self.metric("gateway1", ingest_metric) - before < sent["sent"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        backlog = round(self.metric("gateway1", ingest_metric) - before)
+        base = self.live_len()
+        for w in workers:
+            self.stack._start_part(w)
+        meter: GroupMeter | None = None
+        first = last = 0.0
+        seen = base
+        deadline = time.monotonic() + a.limit + 60
+        while time.monotonic() < deadline and seen - base < backlog:
+            n = self.live_len()
+            if n > seen:
+                if seen == base:
+                    first = time.monotonic()
+                    meter = GroupMeter(self.groups())
+                seen, last = n, time.monotonic()
+            time.sleep(0.02)
+        cpu = meter.stop() if meter is not None else {}
+        done = seen - base
+        return {
+            "msgs_per_s": round(done / max(0.001, last - first)),
+            "backlog": backlog,
+            "drained": done,
+            "cpu_pct": cpu,
+        }
+
     def paced(self, boot: str) -> dict[str, Any]:
         a = self.a
         token = self._token()
@@ -494,13 +536,18 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(2)
             fl = b.flood(f"f{n}")
             print(f"  flood: {fl}")
+            dr = b.drain(f"d{n}")
+            print(f"  drain (workers alone, on a backlog): {dr}")
+            print(f"  group settled again in {b.wait_workers_share():.0f}s")
             pc = b.paced(f"p{n}")
             print(f"  paced: {pc}")
-            rounds.append({"workers": n, "flood": fl, "paced": pc})
+            rounds.append({"workers": n, "flood": fl, "drain": dr, "paced": pc})
         by: dict[int, dict[str, Any]] = {r["workers"]: r for r in rounds}
         result = {
             "msgs_per_s_1w": by.get(1, {}).get("flood", {}).get("msgs_per_s"),
             "msgs_per_s_2w": by.get(2, {}).get("flood", {}).get("msgs_per_s"),
+            "drain_msgs_per_s_1w": by.get(1, {}).get("drain", {}).get("msgs_per_s"),
+            "drain_msgs_per_s_2w": by.get(2, {}).get("drain", {}).get("msgs_per_s"),
             "raw_msgs_per_s": raw_flood["msgs_per_s"],
             "ws_p50_ms_1w": by.get(1, {}).get("paced", {}).get("ws_p50_ms"),
             "ws_p99_ms_1w": by.get(1, {}).get("paced", {}).get("ws_p99_ms"),

@@ -4,7 +4,8 @@ faust runs the streams (consumer group, partition assignment, batching, offset c
 Tables, because on tansu their changelog recovery silently loses the last batch (docs/SCALED_SPIKE.md).
 Processor state sits behind the port (design rule 6) in the records database (`streams/pgstate.py`).
 
-Per batch and source partition, exactly what the embedded runtime (`streams/runtime.py`) does:
+Per batch and source partition (the partitions of a batch run side by side, each in order), exactly what
+the embedded runtime (`streams/runtime.py`) does:
 
 1. drop events at or below the partition's applied offset (a replay after a crash or a rebalance);
 2. load the keys' state (cached per partition; the cache is dropped when the partition is assigned or
@@ -389,7 +390,8 @@ def live_relay(settings: Settings, env: dict[str, str]) -> LiveRelay:
 
 
 async def _handle(runner: BatchRunner, events: Sequence[Any]) -> None:
-    """One take_events batch: per source partition, in order. Never raises, except on cancellation."""
+    """One take_events batch: each source partition in order, the partitions side by side (each commits its
+    own state and offset). Never raises, except on cancellation."""
     parts: dict[tuple[str, int], list[LogRecord]] = {}
     for ev in events:
         m = ev.message
@@ -398,8 +400,11 @@ async def _handle(runner: BatchRunner, events: Sequence[Any]) -> None:
             LogRecord(m.topic, m.partition, m.offset, key, m.value)
         )
     try:
-        for (topic, partition), records in parts.items():
-            await runner.run(topic, partition, records)
+        if len(parts) == 1:
+            for (topic, partition), records in parts.items():
+                await runner.run(topic, partition, records)
+        else:  # partitions are independent (own keys, state, offset): their round trips overlap
+            await asyncio.gather(*(runner.run(t, p, recs) for (t, p), recs in parts.items()))
     except asyncio.CancelledError:
         # faust would now ack (and could commit) the unapplied buffer: die as a kill -9 would, which is safe.
         log.critical("worker cancelled in the middle of a batch; exiting without acknowledging it")
