@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
@@ -81,13 +82,19 @@ def parse_topic(topic: str) -> tuple[str, str] | None:
 class MqttGateway:
     """Consumes device topics from an external broker and hands them to the `Ingestor`."""
 
-    def __init__(self, ingest: Ingestor, settings: MqttSettings) -> None:
+    def __init__(
+        self, ingest: Ingestor, settings: MqttSettings, *, admit: Callable[[bool, int], bool] | None = None
+    ) -> None:
+        """`admit(backlog, size)`, if given, is asked for each batch whether to ingest it (else it is
+        acknowledged and dropped: gateway/mqtt_net.py); `backlog` says more messages were already waiting."""
         self._ingest = ingest
         self._s = settings
         self._task: asyncio.Task[None] | None = None
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
         self.received = 0
+        self.subscribed_at: float | None = None  # monotonic time of the current session's SUBACK, else None
+        self.admit = admit
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._reconnect_loop(), name="mqtt-gateway")
@@ -97,6 +104,12 @@ class MqttGateway:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def unsubscribe(self, topic: str, timeout: float = 3.0) -> None:
+        """Leave a subscription before a graceful stop (the session stays for the next connection)."""
+        if self._client is None:
+            return
+        await asyncio.wait_for(self._client.unsubscribe(topic), timeout)
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         """Downlink (commands to a device) over the gateway's own connection."""
@@ -122,6 +135,7 @@ class MqttGateway:
             except Exception:
                 log.exception("MQTT gateway failed; retrying in %.1fs", delay)
             self.connected.clear()
+            self.subscribed_at = None
             self._client = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._s.reconnect_max)
@@ -149,6 +163,7 @@ class MqttGateway:
             self._client = client
             topic = f"$share/{s.shared_group}/{TOPIC_FILTER}" if s.shared_group else TOPIC_FILTER
             await client.subscribe(topic, qos=1)
+            self.subscribed_at = time.monotonic()
             self.connected.set()
             log.info("MQTT gateway connected to %s:%d, subscribed to %s", s.host, s.port, topic)
             await self._receive_loop(client, paho_client)
@@ -162,6 +177,12 @@ class MqttGateway:
             while len(batch) < self._s.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
             self.received += len(batch)
+            if self.admit is not None and not self.admit(not queue.empty(), len(batch)):
+                for m in batch:
+                    if m.qos:
+                        with contextlib.suppress(Exception):
+                            paho_client.ack(m.mid, m.qos)
+                continue
             await inflight.acquire()
             t = asyncio.create_task(self._handle(batch, paho_client, inflight))
             tasks.add(t)

@@ -517,6 +517,8 @@ class DevStack:
         env = self.env
         env.update(VIGIL_HTTP_PORT=str(self.ports[name]), VIGIL_DATA_DIR=str(data))
         if role == "gateway":
+            # One gateway holds the restart net (gateway/mqtt_net.py): what a Mosquitto restart would drop.
+            env.update(VIGIL_MQTT_RESTART_NET="1" if i == 1 else "0")
             self.ports[f"{name}-coap"] = free_port(socket.SOCK_DGRAM)
             self.ports[f"{name}-coaps"] = free_port(socket.SOCK_DGRAM)
             env.update(

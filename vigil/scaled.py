@@ -30,6 +30,7 @@ from gateway.coap import CoapGateway
 from gateway.ingest import Ingestor
 from gateway.mosquitto_sync import MosquittoSync
 from gateway.mqtt import TOPIC_FILTER, MqttGateway, MqttSettings
+from gateway.mqtt_net import RestartWindow
 from gateway.registry import Registry
 from records.crypto import KEY_ENV, KEY_FILE, SecretCipher
 from records.db import Database
@@ -119,6 +120,7 @@ class ScaledGateway:
     bus: KafkaBus = field(init=False)
     ingest: Ingestor = field(init=False)
     mqtt: MqttGateway = field(init=False)
+    _net: MqttGateway | None = field(init=False, default=None)  # the restart net (gateway/mqtt_net.py)
     _coap: CoapGateway | None = field(init=False, default=None)
     _ticker: Ticker | None = field(init=False, default=None)
     _admissions: AdmissionFeed | None = field(init=False, default=None)
@@ -220,6 +222,20 @@ class ScaledGateway:
         )
         await self.mqtt.start()
         self._started.append("mqtt")
+        if s.mqtt_restart_net:
+            self._net = MqttGateway(
+                self.ingest,
+                MqttSettings(
+                    host=u.host,
+                    port=u.port,
+                    username=u.username,
+                    password=u.password,
+                    client_id=f"{client_id}-net",
+                    shared_group=None,  # a plain subscription: Mosquitto restores it after a restart
+                ),
+            )
+            self._net.admit = RestartWindow(self.mqtt, self._net).admit
+            await self._net.start()
         self._coap = CoapGateway(
             ingest=self.ingest,
             directory=self.registry,
@@ -257,6 +273,13 @@ class ScaledGateway:
 
     async def stop(self) -> None:
         """Stop taking messages first, then flush the bus, then let go of the records."""
+        if self._net is not None:
+            try:
+                await self._net.unsubscribe(TOPIC_FILTER)
+            except Exception:
+                log.warning("could not unsubscribe the restart net before stopping", exc_info=True)
+            with contextlib.suppress(Exception):
+                await self._net.stop()
         if "mqtt" in self._started:
             await self._leave_shared_group()
             with contextlib.suppress(Exception):

@@ -42,6 +42,7 @@ class Settings:
     mqtt_url: MqttUrl | None  # an external broker; None embeds one
     mqtt_dynsec: bool  # keep the external Mosquitto's dynamic-security clients in step with the registry
     mqtt_shared_group: str | None  # MQTT v5 shared subscription group, for several gateway processes
+    mqtt_restart_net: bool  # this gateway also holds the restart net (gateway/mqtt_net.py)
     database_url: str | None  # PostgreSQL (scaled); None: SQLite in the data dir
     kafka_url: str | None
     redis_url: str | None
@@ -83,6 +84,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         mqtt_url=parse_mqtt_url(mqtt_url) if mqtt_url else None,
         mqtt_dynsec=e.get("VIGIL_MQTT_DYNSEC", "1") not in ("0", "false", "no"),
         mqtt_shared_group=e.get("VIGIL_MQTT_SHARED_GROUP") or None,
+        mqtt_restart_net=e.get("VIGIL_MQTT_RESTART_NET", "0") in ("1", "true", "yes"),
         database_url=e.get("VIGIL_DATABASE_URL") or None,
         kafka_url=e.get("VIGIL_KAFKA_URL") or None,
         redis_url=e.get("VIGIL_REDIS_URL") or None,

@@ -33,6 +33,7 @@ from streams.schemas import (
 )
 
 DEDUP_WINDOW_MS = 10 * 60_000  # the contract keeps dedup keys at least 10 minutes
+DEDUP_PRUNE_SLACK_MS = 60_000  # ids are kept the window and up to this much longer (pruned in bulk)
 ACVPU_SCORE = {"A": 0.0, "C": 1.0, "V": 2.0, "P": 3.0, "U": 4.0}
 # A message whose delay (received time - device time) exceeds the device's usual delay by this much is
 # backfill: buffered through an outage and sent late. The usual delay is the smallest seen in the last
@@ -177,7 +178,7 @@ class DeviceStage:
         if not st.oldest_seen:
             st.oldest_seen = rx
         cutoff = rx - DEDUP_WINDOW_MS
-        if st.oldest_seen < cutoff:
+        if st.oldest_seen < cutoff - DEDUP_PRUNE_SLACK_MS:  # pruned once a minute, not on every event
             st.seen = {k: v for k, v in st.seen.items() if v >= cutoff}
             st.oldest_seen = min(st.seen.values(), default=rx)
 
