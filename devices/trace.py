@@ -388,17 +388,20 @@ class Trace:
         ]
         return heapq.merge(*streams, key=lambda m: m[0])
 
-    def verify(self) -> None:
-        """Decode every device and check its content digest; a ValueError names the first that differs."""
+    def verify(self, every: int = 1) -> None:
+        """Decode every device (or every `every`-th: a quicker check of the decoder; the file's own checksum
+        covers its bytes) and check its content digest; a ValueError names the first that differs."""
         total = hashlib.sha256()
         for i, d in enumerate(self.header["devices"]):
+            if i % every:
+                continue
             h = hashlib.sha256()
             for m in self._device(i):
                 _message_digest(h, *m)
             if h.hexdigest() != d["sha256"]:
                 raise ValueError(f"device {d['spec']['id']}: content digest differs")
             total.update(h.digest())
-        if total.hexdigest() != self.header["content_sha256"]:
+        if every == 1 and total.hexdigest() != self.header["content_sha256"]:
             raise ValueError("trace content digest differs")
 
 
