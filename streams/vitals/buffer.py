@@ -1,4 +1,7 @@
-"""A write-behind buffer on disk in front of a `VitalsStore`: a store outage delays vitals, loses none."""
+"""A buffer on disk in front of a `VitalsStore`: a store outage delays vitals, loses none.
+
+Writes go straight to the store while it answers and nothing is queued; otherwise to the on-disk queue,
+which a background task drains into the store with retries (write-behind)."""
 
 from __future__ import annotations
 
@@ -53,7 +56,8 @@ def _decode(body: bytes) -> VitalPoint:
 
 
 class BufferedVitalsStore:
-    """Appends writes to a durable SQLite queue and drains it into `inner` in the background, with retries.
+    """Writes through to `inner` while it answers; else appends to a durable SQLite queue that is drained
+    into `inner` in the background, with retries.
 
     It owns `inner`: `start()` and `close()` start and close it too.
     """
@@ -68,6 +72,7 @@ class BufferedVitalsStore:
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
         close_timeout: float = 2.0,
+        direct_timeout: float = 2.0,
     ) -> None:
         self._inner = inner
         self._path = path
@@ -76,6 +81,7 @@ class BufferedVitalsStore:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._close_timeout = close_timeout
+        self._direct_timeout = direct_timeout  # 0: always through the queue
         self._queue = SqliteWorker(
             path,
             name="vitals-buffer",
@@ -119,9 +125,22 @@ class BufferedVitalsStore:
         await self._inner.close()
 
     async def write(self, points: Sequence[VitalPoint]) -> None:
-        """Durable once this returns: the points are on disk, sent on to the store when it can take them."""
+        """Durable once this returns: in the store, or on disk and sent on when the store can take them.
+
+        While nothing is queued the points go straight to the store (one round trip, no disk write and
+        read-back); if it fails, refuses or takes longer than `direct_timeout`, they are queued, and so is
+        everything after them until the queue has drained (the store is down: do not wait on it each time).
+        A write that timed out may still land: the queued copy then rewrites the same points (idempotent).
+        """
         if not points:
             return
+        if self._backlog == 0 and self._direct_timeout > 0:
+            try:
+                await asyncio.wait_for(self._inner.write(points), self._direct_timeout)
+            except Exception as e:  # down, slow, or refusing a point: the queue retries and sets it aside
+                log.debug("direct vitals write failed, queueing %d points: %r", len(points), e)
+            else:
+                return
         rows = [_encode(p) for p in points]
         sql = "INSERT INTO queue (patient_id, code, ts, received_at, body) VALUES (?,?,?,?,?)"
 

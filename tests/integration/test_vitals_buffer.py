@@ -151,3 +151,23 @@ async def test_a_refused_point_is_set_aside_and_the_rest_arrives(tmp_path: Path)
             assert [p.key for p in got] == [p.key for p in pts if p.ts < 10**16]
         finally:
             await buf.close()
+
+
+async def test_while_the_store_answers_points_go_straight_to_it(tmp_path: Path) -> None:
+    """No disk write and read-back on the hot path while the store is up: the queue is for outages."""
+    import sqlite3  # noqa: PLC0415
+
+    path = tmp_path / "buffer.db"
+    with victoria_metrics(tmp_path / "vm") as vm:
+        buf = buffered(vm.url, path)
+        await buf.start()
+        try:
+            for start in range(0, 500, 100):
+                await buf.write([point(i, "P-direct") for i in range(start, start + 100)])
+                assert buf.backlog() == 0
+        finally:
+            await buf.close()
+        with sqlite3.connect(path) as c:
+            assert c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'queue'").fetchone() is None
+        got = vm.distinct_timestamps('vitals_value{patient="P-direct"}')
+        assert got == {T0 + i * 10 for i in range(500)}
