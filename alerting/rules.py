@@ -65,10 +65,15 @@ class Rule:
     max_gap_ms: int = DEFAULT_MAX_GAP_MS
     label: str = ""
     source: str = ""  # file:line of its definition
+    _params: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_params", frozenset(p for t in self.terms for p in t.params))
 
     @property
     def params(self) -> frozenset[str]:
-        return frozenset(p for t in self.terms for p in t.params)
+        """Every parameter the rule reads (computed once: it is asked for each reading)."""
+        return self._params
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,13 +264,48 @@ def apply_override(rule: Rule, ov: PatientOverride) -> Rule:
 def effective_rules(
     ruleset: Ruleset, unit_id: str | None, overrides: Iterable[PatientOverride], at_ms: int
 ) -> dict[str, Rule]:
-    """The unit's rules with the patient's unexpired overrides applied; the floor always holds."""
+    """The unit's rules with the patient's unexpired overrides applied; the floor always holds.
+
+    Read-only: without an override in force it is the unit's one shared mapping (built once per ruleset)."""
+    live = [ov for ov in overrides if at_ms < ov.expires_at]
+    base = _unit_rules(ruleset, unit_id)[0]
+    if not any(ov.condition in base for ov in live):
+        return base
     rules = dict(ruleset.rules_for(unit_id))
-    for ov in overrides:
-        if at_ms < ov.expires_at and ov.condition in rules:
+    for ov in live:
+        if ov.condition in rules:
             rules[ov.condition] = apply_override(rules[ov.condition], ov)
     rules[FLOOR_CONDITION] = enforce_floor(rules.get(FLOOR_CONDITION, floor_rule()))[0]
     return rules
+
+
+# (id(ruleset), unit) -> (the ruleset, its rules with the floor enforced, change windows per parameter).
+# The ruleset is kept in the entry, so an id reused by a later ruleset never matches a stale entry.
+_UNIT_RULES: dict[tuple[int, str | None], tuple[Ruleset, dict[str, Rule], dict[str, int]]] = {}
+_UNIT_RULES_MAX = 256
+
+
+def _unit_rules(ruleset: Ruleset, unit_id: str | None) -> tuple[dict[str, Rule], dict[str, int]]:
+    key = (id(ruleset), unit_id)
+    hit = _UNIT_RULES.get(key)
+    if hit is not None and hit[0] is ruleset:
+        return hit[1], hit[2]
+    rules = dict(ruleset.rules_for(unit_id))
+    rules[FLOOR_CONDITION] = enforce_floor(rules.get(FLOOR_CONDITION, floor_rule()))[0]
+    if len(_UNIT_RULES) >= _UNIT_RULES_MAX:  # hot reloads leave old rulesets behind: start over
+        _UNIT_RULES.clear()
+    _UNIT_RULES[key] = (ruleset, rules, _windows(rules))
+    return rules, _UNIT_RULES[key][2]
+
+
+def _windows(rules: Mapping[str, Rule]) -> dict[str, int]:
+    """The longest change window over each parameter: how much history a reading must keep."""
+    windows: dict[str, int] = {}
+    for rule in rules.values():
+        for t in rule.terms:
+            if t.kind == "change":
+                windows[t.params[0]] = max(windows.get(t.params[0], 0), t.window_ms)
+    return windows
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,11 +374,8 @@ def evaluate(
         gone = rstates.pop(cond)
         if gone.active:
             signals.append(Signal(cond, False, at_ms, gone.priority))
-    windows: dict[str, int] = {}
-    for rule in rules.values():
-        for t in rule.terms:
-            if t.kind == "change":
-                windows[t.params[0]] = max(windows.get(t.params[0], 0), t.window_ms)
+    shared, shared_windows = _unit_rules(ruleset, unit_id)
+    windows = shared_windows if rules is shared else _windows(rules)
 
     by_ts: dict[int, list[tuple[str, float]]] = {}
     for r in readings:
