@@ -315,14 +315,12 @@ class ScaledGateway:
         would collect every n-th device message in its session until it returns or the session expires.
         Messages already queued for or in flight to this session stay there for its next connection.
         A crashed gateway cannot do this: restart it under the same client id (VIGIL_MQTT_CLIENT_ID).
-        TODO(gateway/mqtt.py): belongs in MqttGateway.stop(); done here through its client until then.
         """
         group = self.settings.mqtt_shared_group or DEFAULT_SHARED_GROUP
-        client = self.mqtt._client
-        if client is None:
+        if not self.mqtt.connected.is_set():
             return
         try:
-            await asyncio.wait_for(client.unsubscribe(f"$share/{group}/{TOPIC_FILTER}"), 3)
+            await self.mqtt.unsubscribe(f"$share/{group}/{TOPIC_FILTER}")
             await asyncio.sleep(0.2)  # let batches already taken in finish their append and PUBACK
         except Exception:
             log.warning("could not leave the MQTT shared group %s before stopping", group, exc_info=True)
