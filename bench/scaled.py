@@ -209,6 +209,7 @@ class Bench:
         self.a = a
         self.ctx = mp.get_context("spawn")
         self.stack = DevStack(None, nodes=1, admin_password="bench-admin-pw")
+        self.stack.env_extra.update(dict(kv.split("=", 1) for kv in a.env))
         self.extra_workers: list[str] = []
         self.load = ingest.device_ids(LOAD_UNITS * BEDS_PER_UNIT)
         self.probes = [f"bench-probe-{i:03d}" for i in range(PROBES)]
@@ -402,7 +403,9 @@ class Bench:
         base = self.live_len()
         for w in workers:
             self.stack._start_part(w)
+        # Fresh processes: their counters start at 0, so what they show at the end is this drain's.
         meter: GroupMeter | None = None
+        spy: list[subprocess.Popen[bytes]] | None = None
         first = last = 0.0
         seen = base
         deadline = time.monotonic() + a.limit + 60
@@ -412,14 +415,23 @@ class Bench:
                 if seen == base:
                     first = time.monotonic()
                     meter = GroupMeter(self.groups())
+                    spy = self._spy(boot) if a.profile else None
                 seen, last = n, time.monotonic()
             time.sleep(0.02)
         cpu = meter.stop() if meter is not None else {}
+        self._unspy(spy)
         done = seen - base
+        per_batch: dict[str, float] = {}
+        for proc in ("device", "clinical"):
+            label = f'{{processor="{proc}"}}'
+            events = sum(self.metric(w, f"vigil_worker_events_total{label}") for w in workers)
+            batches = sum(self.metric(w, f"vigil_worker_batches_total{label}") for w in workers)
+            per_batch[proc] = round(events / max(1.0, batches), 1)
         return {
             "msgs_per_s": round(done / max(0.001, last - first)),
             "backlog": backlog,
             "drained": done,
+            "events_per_partition_batch": per_batch,
             "cpu_pct": cpu,
         }
 
@@ -505,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=float, default=60, help="s a flood may take before it is cut off")
     ap.add_argument("--workers", default="1,2", help="worker counts, in order (1,2)")
     ap.add_argument("--profile", type=Path, help="dir: py-spy the gateway and workers during each flood")
+    ap.add_argument("--env", action="append", default=[], help="K=V for every Vigil process (repeatable)")
+    ap.add_argument("--phases", default="flood,drain,paced", help="which phases of each round, in order")
     a = ap.parse_args(argv)
 
     def interrupted(signum: int, _frame: Any) -> None:
@@ -534,12 +548,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"adding {b.add_worker()}")
             print(f"{n} worker(s): group settled in {b.wait_workers_share():.0f}s")
             time.sleep(2)
-            fl = b.flood(f"f{n}")
+            phases = a.phases.split(",")
+            fl = b.flood(f"f{n}") if "flood" in phases else {}
             print(f"  flood: {fl}")
-            dr = b.drain(f"d{n}")
+            dr = b.drain(f"d{n}") if "drain" in phases else {}
             print(f"  drain (workers alone, on a backlog): {dr}")
-            print(f"  group settled again in {b.wait_workers_share():.0f}s")
-            pc = b.paced(f"p{n}")
+            if dr:
+                print(f"  group settled again in {b.wait_workers_share():.0f}s")
+            pc = b.paced(f"p{n}") if "paced" in phases else {}
             print(f"  paced: {pc}")
             rounds.append({"workers": n, "flood": fl, "drain": dr, "paced": pc})
         by: dict[int, dict[str, Any]] = {r["workers"]: r for r in rounds}

@@ -76,41 +76,60 @@ RELAY_REPLAYS = Counter(
     registry=REGISTRY,
 )
 
-# KEYS: seq, sites, marks, trimmed, stream, seen. ARGV: site, payload, cursor, expected position,
-# resumed (1: the first record read after a seek), retention ms, seen ttl s, prefix.
-# Answers the cursor appended; 0: at or below the position, or a copy (skipped); -1: the position is below
-# what the relay wrote before (Redis lost data): nothing is written, the relay seeks back and replays.
-_APPEND = """
-local n = tonumber(ARGV[3])
-local last = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n <= last then return 0 end
-if last < tonumber(ARGV[4]) then return -1 end
-if ARGV[5] == '1' and n - 1 > last then
-  local was = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if n - 1 > was then redis.call('SET', KEYS[4], n - 1) end
-end
-redis.call('SET', KEYS[1], n)
-if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', tonumber(ARGV[7])) then return 0 end
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[5], n .. '-0', 'e', ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local marks = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
-if #marks == 0 or now - tonumber(marks[2]) >= 1000 then
-  redis.call('ZADD', KEYS[3], now, n)
-  local cut = redis.call('ZREVRANGEBYSCORE', KEYS[3], now - tonumber(ARGV[6]), '-inf',
-    'WITHSCORES', 'LIMIT', 0, 1)
-  if #cut > 0 then
-    local c = tonumber(cut[1])
-    for _, s in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-      redis.call('XTRIM', ARGV[8] .. ':' .. s, 'MINID', c .. '-0')
-    end
+# Appends a batch of live records in one call (one round trip, one command to encode).
+# KEYS: seq, sites, marks, trimmed. ARGV: expected position, resumed (1: the first record was read right
+# after a seek), retention ms, seen ttl s, prefix, then per record: site, payload, cursor, dedup key.
+# Answers per record the cursor appended; 0: at or below the position, or a copy (skipped); -1: the
+# position is below what the relay wrote before (Redis lost data): nothing more is written (every result
+# from there on is -1), and the relay seeks back and replays.
+_APPEND_MANY = """
+local expected = tonumber(ARGV[1])
+local retention = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local prefix = ARGV[5]
+local out = {}
+local function one(site, payload, n, seen, resumed)
+  local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if n <= last then return 0 end
+  if last < expected then return -1 end
+  if resumed and n - 1 > last then
     local was = tonumber(redis.call('GET', KEYS[4]) or '0')
-    if c - 1 > was then redis.call('SET', KEYS[4], c - 1) end
-    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. cut[2])
+    if n - 1 > was then redis.call('SET', KEYS[4], n - 1) end
+  end
+  redis.call('SET', KEYS[1], n)
+  if not redis.call('SET', prefix .. ':seen:' .. seen, '1', 'NX', 'EX', ttl) then return 0 end
+  redis.call('SADD', KEYS[2], site)
+  redis.call('XADD', prefix .. ':' .. site, n .. '-0', 'e', payload)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local marks = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+  if #marks == 0 or now - tonumber(marks[2]) >= 1000 then
+    redis.call('ZADD', KEYS[3], now, n)
+    local cut = redis.call('ZREVRANGEBYSCORE', KEYS[3], now - retention, '-inf',
+      'WITHSCORES', 'LIMIT', 0, 1)
+    if #cut > 0 then
+      local c = tonumber(cut[1])
+      for _, s in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+        redis.call('XTRIM', prefix .. ':' .. s, 'MINID', c .. '-0')
+      end
+      local was = tonumber(redis.call('GET', KEYS[4]) or '0')
+      if c - 1 > was then redis.call('SET', KEYS[4], c - 1) end
+      redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. cut[2])
+    end
+  end
+  return n
+end
+local failed = false
+for i = 6, #ARGV, 4 do
+  if failed then
+    out[#out + 1] = -1
+  else
+    local r = one(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], i == 6 and ARGV[2] == '1')
+    if r == -1 then failed = true end
+    out[#out + 1] = r
   end
 end
-return n
+return out
 """
 
 # KEYS: the patient's hash. ARGV: ttl s, then (code, ts, json) triples. Newest device time per code wins.
@@ -163,11 +182,7 @@ class RedisLiveWriter:
         self._redis = redis
         self._retention_ms = max(1000, int(retention_s * 1000))  # callers keep it >= MIN_RETENTION_S
         self._prefix = prefix
-        self._script = redis.register_script(_APPEND)
-
-    def _keys(self, site: str, key: str) -> list[str]:
-        p = self._prefix
-        return [f"{p}:seq", f"{p}:sites", f"{p}:marks", f"{p}:trimmed", f"{p}:{site}", f"{p}:seen:{key}"]
+        self._many = redis.register_script(_APPEND_MANY)
 
     async def position(self) -> int:
         """The newest cursor appended (0: none; Redis is empty or was restarted without its data)."""
@@ -180,26 +195,20 @@ class RedisLiveWriter:
         than `expected` (it lost data: seek back to `position()` and replay). `resumed`: the first record is
         the first read after a seek, so cursors skipped before it are gone for good (marked trimmed).
         """
-        pipe = self._redis.pipeline(transaction=False)
-        for i, r in enumerate(records):
+        if not records:
+            return []
+        p = self._prefix
+        args: list[bytes | str | int] = [
+            expected, 1 if resumed else 0, self._retention_ms, self._retention_ms // 1000, p
+        ]
+        for r in records:
             if r.event is None:
                 site, key = NO_SITE, f"raw:{hashlib.sha256(r.value).hexdigest()[:32]}"
             else:
                 site, key = site_of(r.event), event_key(r.event)
-            args: list[bytes | str | int] = [
-                site,
-                r.value,
-                r.cursor,
-                expected,
-                1 if resumed and i == 0 else 0,
-                self._retention_ms,
-                self._retention_ms // 1000,
-                self._prefix,
-            ]
-            await self._script(keys=self._keys(site, key), args=args, client=pipe)
-        if not records:
-            return []
-        return [int(x) for x in await pipe.execute()]
+            args.extend((site, r.value, r.cursor, key))
+        got = await self._many(keys=[f"{p}:seq", f"{p}:sites", f"{p}:marks", f"{p}:trimmed"], args=args)
+        return [int(x) for x in got]
 
 
 class RedisLiveFeed:

@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 APP_ID = "vigil-worker"  # the Kafka consumer group of every worker process
 BATCH = 1000  # events per take_events batch
 BATCH_WITHIN = 0.05  # seconds take_events waits to fill a batch
+BATCH_WITHIN_ENV = "VIGIL_WORKER_BATCH_WITHIN"  # override of BATCH_WITHIN (seconds): latency for throughput
 FAIL_BATCHES_ENV = "VIGIL_WORKER_FAIL_BATCHES"  # test hook: the first K effect batches fail
 VITALS_SQLITE_ENV = "VIGIL_VITALS_SQLITE"  # vitals in this SQLite file instead of the configured store
 LIVE_RETENTION_ENV = "VIGIL_LIVE_RETENTION_S"  # how long the Redis site streams keep live records
@@ -431,10 +432,11 @@ def build_app(settings: Settings, runners: Sequence[BatchRunner]) -> Any:
         datadir=str(settings.data_dir / "faust"),
     )
     by_topic = {r.proc.topic: r for r in runners}
+    within = float(os.environ.get(BATCH_WITHIN_ENV) or BATCH_WITHIN)
 
     def agent_for(runner: BatchRunner) -> Callable[[Any], Awaitable[None]]:
         async def process(stream: Any) -> None:
-            async for events in stream.take_events(BATCH, within=BATCH_WITHIN):
+            async for events in stream.take_events(BATCH, within=within):
                 await _handle(runner, events)
 
         return process
