@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
@@ -209,31 +209,21 @@ class ScaledGateway:
         u = s.mqtt_url
         if u.username and u.password and s.mqtt_dynsec:
             await self._start_dynsec_sync(u.host, u.port, u.username, u.password)
-        self.mqtt = MqttGateway(
-            self.ingest,
-            MqttSettings(
-                host=u.host,
-                port=u.port,
-                username=u.username,
-                password=u.password,
-                client_id=client_id,
-                shared_group=s.mqtt_shared_group or DEFAULT_SHARED_GROUP,
-            ),
+        shared = MqttSettings(
+            host=u.host,
+            port=u.port,
+            username=u.username,
+            password=u.password,
+            client_id=client_id,
+            shared_group=s.mqtt_shared_group or DEFAULT_SHARED_GROUP,
         )
+        self.mqtt = MqttGateway(self.ingest, shared)
         await self.mqtt.start()
         self._started.append("mqtt")
         if s.mqtt_restart_net:
-            self._net = MqttGateway(
-                self.ingest,
-                MqttSettings(
-                    host=u.host,
-                    port=u.port,
-                    username=u.username,
-                    password=u.password,
-                    client_id=f"{client_id}-net",
-                    shared_group=None,  # a plain subscription: Mosquitto restores it after a restart
-                ),
-            )
+            # A plain subscription (no shared group): Mosquitto restores it after a restart.
+            net = replace(shared, client_id=f"{client_id}-net", shared_group=None)
+            self._net = MqttGateway(self.ingest, net)
             self._net.admit = RestartWindow(self.mqtt, self._net).admit
             await self._net.start()
         self._coap = CoapGateway(
