@@ -108,6 +108,12 @@ STEP_ERRORS = Counter(
     ["processor"],
     registry=REGISTRY,
 )
+OFFSET_GAPS = Counter(
+    "vigil_worker_offset_gaps_total",
+    "Offsets of a source partition that the consumer skipped (never delivered to the processor)",
+    ["processor"],
+    registry=REGISTRY,
+)
 BATCHES = Counter(
     "vigil_worker_batches_total", "Partition batches committed", ["processor"], registry=REGISTRY
 )
@@ -191,6 +197,7 @@ class BatchRunner:
             REPLAYED.labels(name).inc(len(records) - len(fresh))
         if not fresh:
             return
+        self._check_contiguous(topic, partition, applied, fresh)
         cache = self._states.setdefault(tp, {})
         if tp not in self._dues:  # a timed processor steps ticks through every due key of the partition
             mine: list[tuple[str, bytes]] = []
@@ -239,6 +246,23 @@ class BatchRunner:
         await store.commit(name, topic, partition, last, rows)
         self._applied[tp] = last
         BATCHES.labels(name).inc()
+
+
+    def _check_contiguous(self, topic: str, partition: int, applied: int, fresh: Sequence[LogRecord]) -> None:
+        """Count and log offsets the consumer never delivered (Vigil's topics are neither compacted nor
+        transactional, so a partition's offsets are contiguous: a hole is a record this worker skipped)."""
+        expected = applied + 1 if applied >= 0 else fresh[0].offset
+        missing = 0
+        for r in fresh:
+            if r.offset > expected:
+                missing += r.offset - expected
+            expected = r.offset + 1
+        if missing:
+            OFFSET_GAPS.labels(self.proc.name).inc(missing)
+            log.error(
+                "processor %s %s/%d: %d offsets before %d were never delivered to this worker",
+                self.proc.name, topic, partition, missing, fresh[-1].offset,
+            )  # fmt: skip
 
 
 class FailingFirst:
