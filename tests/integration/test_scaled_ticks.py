@@ -142,7 +142,7 @@ async def test_a_silent_monitor_is_reported_offline_then_online_again(
 
 @pytest.mark.xfail(
     strict=False,
-    reason="open defect: in about 3 of 4 full-suite runs (never alone, nor after test_scaled_gateway) "
+    reason="open defect: in 3 of 5 full-suite runs and 1 run of the scaled modules (never alone) "
     "the first reading of the new device, counted in the gateways' vigil_ingest_total, never reaches "
     "vigil.clinical.v1; the failure message lists the device's records on the ingest topic and the "
     "workers' counters (vigil_worker_offset_gaps_total among them) to tell where it stops",
