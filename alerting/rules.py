@@ -267,16 +267,23 @@ def effective_rules(
     """The unit's rules with the patient's unexpired overrides applied; the floor always holds.
 
     Read-only: without an override in force it is the unit's one shared mapping (built once per ruleset)."""
-    live = [ov for ov in overrides if at_ms < ov.expires_at]
-    base = _unit_rules(ruleset, unit_id)[0]
-    if not any(ov.condition in base for ov in live):
-        return base
+    return _effective(ruleset, unit_id, overrides, at_ms)[0]
+
+
+def _effective(
+    ruleset: Ruleset, unit_id: str | None, overrides: Iterable[PatientOverride], at_ms: int
+) -> tuple[dict[str, Rule], dict[str, int]]:
+    """`effective_rules` and the change windows of those rules."""
+    base, windows = _unit_rules(ruleset, unit_id)
+    live = [ov for ov in overrides if at_ms < ov.expires_at and ov.condition in base]
+    if not live:
+        return base, windows
     rules = dict(ruleset.rules_for(unit_id))
     for ov in live:
         if ov.condition in rules:
             rules[ov.condition] = apply_override(rules[ov.condition], ov)
     rules[FLOOR_CONDITION] = enforce_floor(rules.get(FLOOR_CONDITION, floor_rule()))[0]
-    return rules
+    return rules, _windows(rules)
 
 
 # (id(ruleset), unit) -> (the ruleset, its rules with the floor enforced, change windows per parameter).
@@ -365,7 +372,7 @@ def evaluate(
     true on every judgement while active (the lifecycle needs values to see worsening) and false once.
     """
     state = state or PatientRulesState()
-    rules = effective_rules(ruleset, unit_id, overrides, at_ms)
+    rules, windows = _effective(ruleset, unit_id, overrides, at_ms)
     latest = dict(state.latest)
     history = dict(state.history)
     rstates = dict(state.rules)
@@ -374,8 +381,6 @@ def evaluate(
         gone = rstates.pop(cond)
         if gone.active:
             signals.append(Signal(cond, False, at_ms, gone.priority))
-    shared, shared_windows = _unit_rules(ruleset, unit_id)
-    windows = shared_windows if rules is shared else _windows(rules)
 
     by_ts: dict[int, list[tuple[str, float]]] = {}
     for r in readings:

@@ -54,7 +54,7 @@ class Registry:
         self._plain: dict[str, str] = {}  # secret token -> secret, so a reload decrypts only new ones
         self._lock = asyncio.Lock()
         self._miss_reload: asyncio.Task[None] | None = None
-        self._last_miss_reload = float("-inf")
+        self._miss_look_at = float("-inf")  # when the latest miss look starts (or started)
         self._miss_looking = False  # the latest miss look has begun reading the database
         self._poller: asyncio.Task[None] | None = None
 
@@ -163,8 +163,8 @@ class Registry:
         asked = self._clock.monotonic()
         task = self._miss_reload
         if task is None or task.done() or self._miss_looking:  # join a look only if it has not begun
-            start = max(asked, self._last_miss_reload + self._miss_interval)
-            self._last_miss_reload = start
+            start = max(asked, self._miss_look_at + self._miss_interval)
+            self._miss_look_at = start
             self._miss_looking = False
             task = self._miss_reload = asyncio.create_task(self._look_at(start), name="registry-miss-reload")
         await asyncio.shield(task)

@@ -247,7 +247,6 @@ class BatchRunner:
         self._applied[tp] = last
         BATCHES.labels(name).inc()
 
-
     def _check_contiguous(self, topic: str, partition: int, applied: int, fresh: Sequence[LogRecord]) -> None:
         """Count and log offsets the consumer never delivered (Vigil's topics are neither compacted nor
         transactional, so a partition's offsets are contiguous: a hole is a record this worker skipped)."""
@@ -425,11 +424,8 @@ async def _handle(runner: BatchRunner, events: Sequence[Any]) -> None:
             LogRecord(m.topic, m.partition, m.offset, key, m.value)
         )
     try:
-        if len(parts) == 1:
-            for (topic, partition), records in parts.items():
-                await runner.run(topic, partition, records)
-        else:  # partitions are independent (own keys, state, offset): their round trips overlap
-            await asyncio.gather(*(runner.run(t, p, recs) for (t, p), recs in parts.items()))
+        # Partitions are independent (own keys, state, offset): their round trips overlap.
+        await asyncio.gather(*(runner.run(t, p, recs) for (t, p), recs in parts.items()))
     except asyncio.CancelledError:
         # faust would now ack (and could commit) the unapplied buffer: die as a kill -9 would, which is safe.
         log.critical("worker cancelled in the middle of a batch; exiting without acknowledging it")
@@ -437,7 +433,7 @@ async def _handle(runner: BatchRunner, events: Sequence[Any]) -> None:
         os._exit(EXIT_ABORTED_BATCH)
 
 
-def build_app(settings: Settings, runners: Sequence[BatchRunner]) -> Any:
+def build_app(settings: Settings, runners: Sequence[BatchRunner], *, within: float = BATCH_WITHIN) -> Any:
     """The faust app: one batching agent per processor, no Tables, no web server."""
     import faust  # noqa: PLC0415 - slow import, only for the worker
 
@@ -456,7 +452,6 @@ def build_app(settings: Settings, runners: Sequence[BatchRunner]) -> Any:
         datadir=str(settings.data_dir / "faust"),
     )
     by_topic = {r.proc.topic: r for r in runners}
-    within = float(os.environ.get(BATCH_WITHIN_ENV) or BATCH_WITHIN)
 
     def agent_for(runner: BatchRunner) -> Callable[[Any], Awaitable[None]]:
         async def process(stream: Any) -> None:
@@ -561,7 +556,7 @@ def main(settings: Settings, env: dict[str, str] | None = None) -> None:
         BatchRunner(proc, services.the_store, services.the_sink, prepare=services.prepare)
         for proc in processors
     ]
-    app = build_app(settings, runners)
+    app = build_app(settings, runners, within=float(e.get(BATCH_WITHIN_ENV) or BATCH_WITHIN))
     if settings.http_port:
 
         async def http() -> None:

@@ -13,6 +13,7 @@ device's records).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -63,30 +64,32 @@ class Clinical:
         raise AssertionError(f"nothing matched within {timeout}s; saw {len(self.seen)} records")
 
 
-@pytest.fixture
-async def clinical(hub: ScaledHub) -> AsyncIterator[Clinical]:
+@contextlib.asynccontextmanager
+async def from_beginning(hub: ScaledHub, topic: str) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer of every partition of `topic` from its beginning (a few hundred records: this module's own
+    stack), not from its end: nothing then depends on the broker's answer to ListOffsets, which tansu is
+    known to get wrong."""
     c = AIOKafkaConsumer(bootstrap_servers=hub.s.kafka_url.split("://", 1)[1], group_id=None)
     await c.start()
     try:
-        tps = [TopicPartition(topics.CLINICAL, p) for p in range(topics.PARTITIONS[topics.CLINICAL])]
+        tps = [TopicPartition(topic, p) for p in range(topics.PARTITIONS[topic])]
         c.assign(tps)
-        # From the beginning (a few hundred records: this module's own stack), not from the end: nothing
-        # then depends on the broker's answer to ListOffsets, which tansu is known to get wrong.
         await c.seek_to_beginning(*tps)
-        yield Clinical(c)
+        yield c
     finally:
         await c.stop()
 
 
+@pytest.fixture
+async def clinical(hub: ScaledHub) -> AsyncIterator[Clinical]:
+    async with from_beginning(hub, topics.CLINICAL) as c:
+        yield Clinical(c)
+
+
 async def _ingested(hub: ScaledHub, device_id: str) -> list[tuple[int, int, str]]:
-    """(partition, offset, event id) of the device's records on the ingest topic, from its beginning."""
-    c = AIOKafkaConsumer(bootstrap_servers=hub.s.kafka_url.split("://", 1)[1], group_id=None)
-    await c.start()
+    """(partition, offset, event id) of the device's records on the ingest topic."""
     found: list[tuple[int, int, str]] = []
-    try:
-        tps = [TopicPartition(topics.INGEST, p) for p in range(topics.PARTITIONS[topics.INGEST])]
-        c.assign(tps)
-        await c.seek_to_beginning(*tps)
+    async with from_beginning(hub, topics.INGEST) as c:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             for records in (await c.getmany(timeout_ms=300)).values():
@@ -94,8 +97,6 @@ async def _ingested(hub: ScaledHub, device_id: str) -> list[tuple[int, int, str]
                     ev = decode(r.value)
                     if isinstance(ev, Observations) and ev.meta.device_id == device_id:
                         found.append((r.partition, r.offset, ev.meta.event_id))
-    finally:
-        await c.stop()
     return sorted(found)
 
 
