@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import jwt
 import orjson
-from fastapi import FastAPI, HTTPException, WebSocket
+from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
 from sqlalchemy import select
 from starlette.websockets import WebSocketState
 
@@ -36,7 +36,7 @@ from api.livehub import (
 from records.db import Database, transaction
 from records.models import Admission, Bed, Unit
 from records.places import get_bed, get_patient
-from streams.metrics import ALERT_DELIVERY, WS_CONNECTIONS
+from streams.metrics import ALERT_DELIVERY, WS_CONNECTIONS, WS_OPS_FAILED
 
 if TYPE_CHECKING:
     from api.app import ApiContext
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_OP_BYTES = 64 * 1024  # a client's operation; anything larger is refused
 MAX_TOPICS = 500  # per connection
 CLOSE_TIMEOUT_S = 10.0  # a client that does not take our close frame is dropped after this
+CLOSE_INTERNAL_ERROR = 1011  # RFC 6455: the server met an error it cannot go on after
 
 
 def install(app: FastAPI, ctx: ApiContext) -> None:
@@ -137,12 +138,13 @@ class Connection:
         self._hub.attach(client)
         expiry = self._expire_at(token, client)
         WS_CONNECTIONS.inc()
-        tasks: list[asyncio.Future[Any]] = [
+        tasks: list[asyncio.Task[Any]] = [
             asyncio.create_task(self._read_loop(client), name="ws-read"),
             asyncio.create_task(self._write_loop(client), name="ws-write"),
         ]
         try:
             await asyncio.wait([*tasks, client.closed], return_when=asyncio.FIRST_COMPLETED)
+            self._failed(client, tasks)
         finally:
             self._hub.detach(client)
             expiry.cancel()
@@ -157,6 +159,20 @@ class Connection:
             log.info("closing websocket of %s: %s (%d)", principal.username, reason, code)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(code, reason), CLOSE_TIMEOUT_S)
+
+    def _failed(self, client: LiveClient, tasks: list[asyncio.Task[Any]]) -> None:
+        """A reader or writer that died of an error (not of the client leaving): log it and close 1011, so the
+        client gets a close frame, reconnects and resumes (was: the socket dropped without one, unlogged)."""
+        for t in tasks:
+            exc = t.exception() if t.done() and not t.cancelled() else None
+            if exc is None or isinstance(exc, WebSocketDisconnect | OSError) or self._gone():
+                continue
+            log.error("websocket: the connection's %s failed", t.get_name(), exc_info=exc)
+            client.close(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def _gone(self) -> bool:
+        ws = self._ws
+        return WebSocketState.DISCONNECTED in (ws.client_state, ws.application_state)
 
     def _expire_at(self, token: str, client: LiveClient) -> asyncio.TimerHandle:
         """Close the connection (4401) when its token expires: a socket outliving its token is no loophole."""
@@ -180,6 +196,28 @@ class Connection:
             await self._handle(client, raw)
 
     async def _handle(self, client: LiveClient, raw: str) -> None:
+        """One operation. One that fails (the records database or Redis did not answer) is answered
+        `unavailable` with its op: the client sends it again; the connection stays."""
+        try:
+            await self._operation(client, raw)
+        except (asyncio.CancelledError, WebSocketDisconnect):
+            raise
+        except Exception as exc:
+            if self._gone():
+                raise
+            log.error("websocket: an operation failed: %s", type(exc).__name__, exc_info=exc)
+            WS_OPS_FAILED.inc()
+            name = self._op_name(raw)
+            client.push(control_frame("error", code="unavailable", op=name, message="failed; send it again"))
+
+    @staticmethod
+    def _op_name(raw: str) -> str | None:
+        with contextlib.suppress(Exception):
+            name = orjson.loads(raw).get("op")
+            return name if isinstance(name, str) and len(name) <= 32 else None
+        return None
+
+    async def _operation(self, client: LiveClient, raw: str) -> None:
         op: Any = None
         if len(raw) <= MAX_OP_BYTES:
             with contextlib.suppress(orjson.JSONDecodeError):

@@ -46,6 +46,11 @@ ALERT_DELIVERY = Histogram(
     registry=REGISTRY,
 )
 WS_CONNECTIONS = Gauge("vigil_ws_connections", "Open websocket connections", registry=REGISTRY)
+WS_OPS_FAILED = Counter(
+    "vigil_ws_ops_failed_total",
+    "Websocket operations answered unavailable (a store did not answer)",
+    registry=REGISTRY,
+)
 LOG_APPENDED = Counter(
     "vigil_log_appended_total", "Records appended to the event log", ["topic"], registry=REGISTRY
 )

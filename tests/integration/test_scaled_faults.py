@@ -213,6 +213,14 @@ async def test_a_redis_restart_delays_the_board_only_and_it_catches_up_without_d
         # Vitals (and alarms: the same batches) go on without Redis: all 20 stored while it is down.
         await asyncio.to_thread(until, hub, dev.all_stored_once)
         assert hub.metric("vigil_live_relay_failing") >= 1
+        # A resume needs Redis (the replay log): it is answered `unavailable`, and the socket stays open.
+        other = await connect(hub, "api1", token)
+        await other.send(json.dumps({"op": "resume", "after": board.last_id()}))
+        answer = await recv(other, 30)
+        assert answer["type"] == "error" and answer["code"] == "unavailable" and answer["op"] == "resume"
+        await other.send(json.dumps({"op": "ping"}))
+        assert (await recv(other, 10))["type"] == "pong"
+        await other.close()
     finally:
         # The same port, without its data (the devstack's Redis keeps none): the relay replays the live topic.
         await asyncio.to_thread(hub.s.restart, "redis")
@@ -332,14 +340,18 @@ async def test_kill9_of_an_api_node_the_client_resumes_on_the_other_without_a_ga
         await subscribe(ws, f"unit:{unit}", board.frames)
         await ws.send(json.dumps({"op": "resume", "after": last}))
         target = progress["seq"] + 5
-        await board.read(ws, lambda: progress["seq"] >= target)
+        try:
+            await board.read(ws, lambda: progress["seq"] >= target)
+        except (AssertionError, websockets.ConnectionClosed) as exc:
+            raise AssertionError(f"{exc!r}\n{hub.s.parts['api2'].tail(40)}") from exc
     finally:
         stop.set()
         await streaming
+        if not hub.s.parts["api1"].running():
+            await asyncio.to_thread(hub.s.restart, "api1")  # the next tests use it
     await board.read(ws, lambda: all(d.last_hr() in board.hr_of(d.patient)[-1:] for d in devs))
     await board.settle(ws, 1.5)
     await ws.close()
-    await asyncio.to_thread(hub.s.restart, "api1")
 
     assert {"type": "resync"} not in board.frames
     for d in devs:
