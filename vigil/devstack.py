@@ -12,6 +12,7 @@ reverse; `kill9(name)` and `restart(name)` act on one part (same ports, same dat
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import glob
 import json
@@ -568,14 +569,27 @@ class DevStack:
         return [*self.ORDER, gw[0], *self.names("worker"), *gw[1:], *self.names("api")]
 
     def start(self) -> DevStack:
+        """The servers side by side, then the first gateway (it migrates the records database and makes the
+        admin), then every other role side by side: each wave waits until all of it is ready."""
         self._define()
+        order = self.order()
+        first = order.index(self.names("gateway")[0])
         try:
-            for name in self.order():
-                self._start_part(name)
+            for wave in (order[:first], order[first : first + 1], order[first + 1 :]):
+                self._start_wave(wave)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_wave(self, names: list[str]) -> None:
+        if len(names) <= 1:
+            for name in names:
+                self._start_part(name)
+            return
+        with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+            for done in [pool.submit(self._start_part, name) for name in names]:
+                done.result()  # the first failure is raised once every start has ended
 
     def _start_part(self, name: str) -> None:
         part = self.parts[name]
@@ -585,11 +599,14 @@ class DevStack:
             part.after_start()
 
     def stop(self) -> None:
-        """Stop every part, Vigil's roles first, then the servers they use; remove a temp data dir."""
-        for name in reversed(self.order() if self.parts else []):
-            part = self.parts.get(name)
-            if part is not None:
-                part.stop()
+        """Stop every part, Vigil's roles first (side by side), then the servers they use; remove a temp
+        data dir."""
+        order = [n for n in reversed(self.order() if self.parts else []) if n in self.parts]
+        servers = [n for n in order if n in self.ORDER]
+        for wave in ([n for n in order if n not in servers], servers):
+            with concurrent.futures.ThreadPoolExecutor(max(1, len(wave))) as pool:
+                for done in [pool.submit(self.parts[n].stop) for n in wave]:
+                    done.result()
         if self._temp:
             shutil.rmtree(self.root, ignore_errors=True)
         if self._pg_temp and self._pg_dir is not None:
