@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from streams import topics
-from streams.kafka import KafkaBus, KafkaSettings, bootstrap_servers, ensure_topics
+from streams.kafka import KafkaBus, KafkaSettings, bootstrap_servers, ensure_topics, kafka_partition
 from streams.schemas import DeadLetter, decode, encode
 from tests.servers_kafka import Tansu, consume, tansu
 
@@ -73,9 +73,25 @@ async def test_every_record_comes_back_in_key_order_each_key_in_one_partition(tm
         partitions[key].add(r.partition)
         order[key].append((r.offset, ev.received_at))
     assert all(len(p) == 1 for p in partitions.values()), partitions
+    # Where the producer's default partitioner would put each key (the workers' partition maths rely on it).
+    assert all(ps == {kafka_partition(k, topics.PARTITIONS[TOPIC])} for k, ps in partitions.items())
     assert len({p for ps in partitions.values() for p in ps}) > 1  # keys do spread over the partitions
     for key, seen in order.items():
         assert [v for _, v in sorted(seen)] == sent[key], key  # per-key order kept
+
+
+async def test_an_append_larger_than_one_record_batch_arrives_whole_and_in_order(tmp_path: Path) -> None:
+    """3,000 records of one key (far more than one 16 KiB record batch) in one append."""
+    with tansu(tmp_path) as broker:
+        bus = await started(broker)
+        try:
+            await bus.append([record("dev-big", n) for n in range(3000)])
+        finally:
+            await bus.stop()
+        got = await consume(broker.bootstrap, TOPIC, until=lambda rs: len(rs) >= 3000, timeout=15, settle=0.5)
+    received = [decode(r.value) for r in sorted(got, key=lambda r: r.offset)]
+    assert [ev.received_at for ev in received if isinstance(ev, DeadLetter)] == list(range(3000))
+    assert {r.partition for r in got} == {kafka_partition("dev-big", topics.PARTITIONS[TOPIC])}
 
 
 async def test_an_append_to_a_stopped_broker_raises_within_the_delivery_timeout(tmp_path: Path) -> None:
