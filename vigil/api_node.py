@@ -1,8 +1,9 @@
 """`vigil api`: a scaled API node. The client API and `/ws` of the embedded hub, over shared services.
 
 - records: PostgreSQL (VIGIL_DATABASE_URL), shared by every node;
-- live feed: the Redis Streams the workers append to (VIGIL_REDIS_URL; `streams/redis_live.py`). Every node
-  tails them and gives the same integer cursors, so a websocket client resumes on any node;
+- live feed: the Redis Streams the live relay appends to (VIGIL_REDIS_URL; `streams/redis_live.py`). The
+  relay runs on the API nodes (one relays, the others stand by: `vigil/relay.py`, VIGIL_LIVE_RELAY). Every
+  node tails the streams and gives the same integer cursors, so a websocket client resumes on any node;
 - vitals: trends from InfluxDB (VIGIL_INFLUX_URL; or VIGIL_VITALS_SQLITE=path in tests and single-box runs),
   latest values from Redis (`RedisLatest`, written by the workers);
 - writes: manual observations to the ingest topic, admission changes to the admissions topic, on Kafka
@@ -40,6 +41,7 @@ from streams.ports import VitalsStore
 from streams.redis_live import LatestFromRedis, RedisLatest, RedisLiveFeed, RedisPresence
 from streams.schemas import AdmissionChange, Event, encode
 from vigil.ports_check import check_free
+from vigil.relay import live_relay, relay_role
 from vigil.serve import serve
 from vigil.settings import Settings
 
@@ -96,6 +98,7 @@ class ApiNode:
 
     def __post_init__(self) -> None:
         _require(self.settings)
+        relay_role(self.env)  # a bad VIGIL_LIVE_RELAY stops the node before it starts anything
 
     async def start(self) -> None:
         s = self.settings
@@ -158,6 +161,9 @@ class ApiNode:
             await asyncio.sleep(0.02)
         self._hub = app.state.livehub
         self._presence_task = asyncio.create_task(self._presence_loop(), name="presence")
+        relay = live_relay(s, self.env, "api")
+        if relay is not None:  # one node relays, the others stand by (its consumer group; vigil/relay.py)
+            self._relay_task = asyncio.create_task(relay.run(), name="live-relay")
         log.info("vigil api node ready on http://%s:%d", s.host, s.http_port)
 
     async def _redis_ready(self) -> bool:
@@ -189,9 +195,12 @@ class ApiNode:
         await self.bus.append([(topics.ADMISSIONS, change.site_id, encode(change))])
 
     async def stop(self) -> None:
-        task = getattr(self, "_presence_task", None)
-        if task is not None:
-            task.cancel()
+        for name in ("_presence_task", "_relay_task"):
+            task = getattr(self, name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 12)
         if self._server is not None:
             self._server.should_exit = True
         if self._task is not None:

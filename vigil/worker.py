@@ -7,7 +7,11 @@ Processor state sits behind the port (design rule 6) in the records database (`s
 Per batch and source partition (the partitions of a batch run side by side, each in order), exactly what
 the embedded runtime (`streams/runtime.py`) does:
 
-1. drop events at or below the partition's applied offset (a replay after a crash or a rebalance);
+1. drop events at or below the partition's applied offset (a replay after a crash or a rebalance); the
+   applied offset in PostgreSQL, not faust's Kafka commit, is the partition's position: a record the
+   consumer skipped (a hole after the applied offset: faust can deliver out of order around a rebalance,
+   and commits past offsets it counts as a gap) is never stepped over. The batch is applied up to the
+   hole, the consumer is sought back to it and the records past it wait for their turn (`Rewind`);
 2. load the keys' state (cached per partition; the cache is dropped when the partition is assigned or
    revoked), step every event through the processor (an undecodable record is logged, counted, skipped);
 3. apply the effects through `PortEffects` (vitals store, Kafka with acks=all, dead letters in PostgreSQL);
@@ -20,13 +24,10 @@ the same batch until it succeeds. A crash (`kill -9`) between 3 and 5 replays th
 makes step 1 skip what was applied, and effects are idempotent (vitals by key, dead letters by id). Emits to
 Kafka are at-least-once: a crash after 3 and before 4 sends them again (consumers deduplicate by event id).
 
-With VIGIL_REDIS_URL set, the worker also runs the live relay (`streams/redis_live.py`, `LiveRelay`): a
-consumer of its own on `vigil.live.v1` that moves every live record (vitals, device state, alerts, pages,
-NEWS2) to its site's Redis stream, which the API nodes fan out to websockets, and vitals to the patients'
-latest values. The processors write the live topic to Kafka only, so a Redis outage delays the boards and
-never the vitals or the alarms; the relay's position is kept in Redis with the records, and it catches up
-when Redis answers (docs/WORKER.md). VIGIL_LIVE_RETENTION_S (default 3600, at least 600: the contract's
-10-minute replay window) is how long the site streams keep records.
+The processors write the live topic (vitals, device state, alerts, pages, NEWS2) to Kafka only; the live
+relay (`vigil/relay.py`, on the API nodes unless VIGIL_LIVE_RELAY=worker) moves it to Redis, so a Redis
+outage delays the boards and never the vitals or the alarms (docs/WORKER.md). With VIGIL_REDIS_URL set, the
+worker reads websocket presence from Redis for escalation.
 """
 
 from __future__ import annotations
@@ -59,18 +60,14 @@ from streams.processor import Processor
 from streams.processors.admissions import AdmissionRouter
 from streams.processors.deadletters import DeadLetterSink
 from streams.processors.device import DeviceStage
-from streams.redis_live import (
-    DEFAULT_RETENTION_S,
-    MIN_RETENTION_S,
-    LiveRelay,
-    RedisPresence,
-)
+from streams.redis_live import RedisPresence
 from streams.schemas import DeadLetter, decode
 from streams.sink import PortEffects
 from streams.timers import DueIndex, TimedProcessor, build_index, step_one
 from streams.vitals.sqlite import SqliteVitalsStore
 from vigil.clinical import ClinicalHost
 from vigil.ports_check import check_free
+from vigil.relay import live_relay, redis_client, relay_role
 from vigil.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,8 +77,8 @@ BATCH = 1000  # events per take_events batch
 BATCH_WITHIN = 0.05  # seconds take_events waits to fill a batch
 BATCH_WITHIN_ENV = "VIGIL_WORKER_BATCH_WITHIN"  # override of BATCH_WITHIN (seconds): latency for throughput
 FAIL_BATCHES_ENV = "VIGIL_WORKER_FAIL_BATCHES"  # test hook: the first K effect batches fail
+SKIP_EVERY_ENV = "VIGIL_WORKER_SKIP_EVERY"  # test hook: withhold the first delivery of every Nth event
 VITALS_SQLITE_ENV = "VIGIL_VITALS_SQLITE"  # vitals in this SQLite file instead of the configured store
-LIVE_RETENTION_ENV = "VIGIL_LIVE_RETENTION_S"  # how long the Redis site streams keep live records
 EXIT_ABORTED_BATCH = 70  # os._exit code when the worker is cancelled in the middle of a batch
 
 EVENTS = Counter(
@@ -114,9 +111,20 @@ OFFSET_GAPS = Counter(
     ["processor"],
     registry=REGISTRY,
 )
+REWINDS = Counter(
+    "vigil_worker_rewinds_total",
+    "Times a worker sought a source partition back to a record its consumer had skipped",
+    ["processor"],
+    registry=REGISTRY,
+)
 BATCHES = Counter(
     "vigil_worker_batches_total", "Partition batches committed", ["processor"], registry=REGISTRY
 )
+
+Rewind = Callable[[str, int, int], Awaitable[bool]]
+"""Seek (topic, partition) back to offset; False when the partition is no longer this worker's."""
+Earliest = Callable[[str, int], Awaitable[int]]
+"""The first offset Kafka still holds of (topic, partition)."""
 
 
 # ------------------------------------------------------------------------------------------ the core
@@ -138,6 +146,8 @@ class BatchRunner:
         store: Callable[[], SqlStateStore],
         sink: Callable[[], EffectSink],
         *,
+        rewind: Rewind,
+        earliest: Earliest,
         prepare: Callable[[], Awaitable[None]] | None = None,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
@@ -145,6 +155,8 @@ class BatchRunner:
         self.proc = proc
         self._store = store
         self._sink = sink
+        self._rewind = rewind
+        self._earliest = earliest
         self._prepare = prepare
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -197,7 +209,9 @@ class BatchRunner:
             REPLAYED.labels(name).inc(len(records) - len(fresh))
         if not fresh:
             return
-        self._check_contiguous(topic, partition, applied, fresh)
+        fresh = await self._in_turn(topic, partition, applied, fresh)
+        if not fresh:  # nothing next in turn: the consumer was sought back to the hole
+            return
         cache = self._states.setdefault(tp, {})
         if tp not in self._dues:  # a timed processor steps ticks through every due key of the partition
             mine: list[tuple[str, bytes]] = []
@@ -242,26 +256,95 @@ class BatchRunner:
             for k in sorted(dirty)
             if cache[k] is not None or before.get(k, True)  # a stateless processor writes no rows at all
         ]
-        last = records[-1].offset
+        last = fresh[-1].offset
         await store.commit(name, topic, partition, last, rows)
         self._applied[tp] = last
         BATCHES.labels(name).inc()
 
-    def _check_contiguous(self, topic: str, partition: int, applied: int, fresh: Sequence[LogRecord]) -> None:
-        """Count and log offsets the consumer never delivered (Vigil's topics are neither compacted nor
-        transactional, so a partition's offsets are contiguous: a hole is a record this worker skipped)."""
-        expected = applied + 1 if applied >= 0 else fresh[0].offset
-        missing = 0
+    async def _in_turn(
+        self, topic: str, partition: int, applied: int, fresh: list[LogRecord]
+    ) -> list[LogRecord]:
+        """The records of `fresh` that come next after `applied`, without a hole; on a hole, seek the
+        consumer back to it (the rest is delivered again, in order). Vigil's topics are neither compacted nor
+        transactional, so a partition's offsets are contiguous: a hole is a record this worker never got."""
+        expected = applied + 1 if applied >= 0 else await self._earliest(topic, partition)
+        if all(r.offset == expected + i for i, r in enumerate(fresh)):  # the usual case: nothing to copy
+            return fresh
+        run: list[LogRecord] = []
+        hole: LogRecord | None = None
         for r in fresh:
-            if r.offset > expected:
-                missing += r.offset - expected
-            expected = r.offset + 1
-        if missing:
-            OFFSET_GAPS.labels(self.proc.name).inc(missing)
+            if r.offset == expected:
+                run.append(r)
+                expected += 1
+            elif r.offset > expected:
+                hole = r
+                break
+            # else: delivered twice in one batch (a seek back re-reads what was still queued): once is enough
+        if hole is None:
+            return run
+        if not run and expected < await self._earliest(topic, partition):
+            # Gone from Kafka (retention) before any worker applied them: nothing can bring them back.
+            OFFSET_GAPS.labels(self.proc.name).inc(hole.offset - expected)
             log.error(
-                "processor %s %s/%d: %d offsets before %d were never delivered to this worker",
-                self.proc.name, topic, partition, missing, fresh[-1].offset,
+                "processor %s %s/%d: offsets %d-%d expired from Kafka before they were applied",
+                self.proc.name, topic, partition, expected, hole.offset - 1,
             )  # fmt: skip
+            return await self._in_turn(topic, partition, hole.offset - 1, fresh)
+        OFFSET_GAPS.labels(self.proc.name).inc(hole.offset - expected)
+        REWINDS.labels(self.proc.name).inc()
+        mine = await self._rewind(topic, partition, expected)
+        log.warning(
+            "processor %s %s/%d: offset %d was skipped by the consumer (got %d); %s",
+            self.proc.name, topic, partition, expected, hole.offset,
+            "sought back to it" if mine else "the partition has moved: its new owner resumes from it",
+        )  # fmt: skip
+        return run
+
+
+class SkippingConsumer:
+    """Test hook (`VIGIL_WORKER_SKIP_EVERY=N`): the first delivery of every Nth event record (ticks pass) is
+    withheld from the processors, as a consumer that skipped a record would do; the runner must notice and
+    seek back."""
+
+    def __init__(self, every: int) -> None:
+        self._every = every
+        self._n = 0
+        self._withheld: set[tuple[str, int, int]] = set()
+
+    def keep(self, topic: str, partition: int, offset: int, key: str) -> bool:
+        tpo = (topic, partition, offset)
+        if topics.tick_partition(key) is not None or tpo in self._withheld:
+            return True
+        self._n += 1
+        if self._n % self._every:
+            return True
+        self._withheld.add(tpo)
+        return False
+
+
+class FaustPosition:
+    """`Rewind` and `Earliest` over the faust app's consumer (`app` is set once the app is built)."""
+
+    def __init__(self) -> None:
+        self.app: Any = None
+
+    async def rewind(self, topic: str, partition: int, offset: int) -> bool:
+        from faust.types import TP  # noqa: PLC0415
+
+        consumer = self.app.consumer
+        tp = TP(topic, partition)
+        if tp not in consumer.assignment():
+            return False
+        # In the consumer's own thread (aiokafka's seek is not thread-safe), and it sets faust's read offset.
+        await consumer._thread.seek_wait({tp: offset})
+        return True
+
+    async def earliest(self, topic: str, partition: int) -> int:
+        from faust.types import TP  # noqa: PLC0415
+
+        tp = TP(topic, partition)
+        found = await self.app.consumer.earliest_offsets(tp)
+        return int(found[tp])
 
 
 class FailingFirst:
@@ -393,33 +476,17 @@ class Services:
         return self.sink
 
 
-def redis_client(url: str) -> Any:
-    """A Redis client whose calls fail within seconds instead of hanging on a Redis that stopped answering."""
-    from redis.asyncio import Redis  # noqa: PLC0415
-
-    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=10)
-
-
-def live_relay(settings: Settings, env: dict[str, str]) -> LiveRelay:
-    """The relay from the live topic to Redis (module docstring); its Redis client opens on faust's loop."""
-    assert settings.redis_url is not None and settings.kafka_url is not None
-    retention = max(MIN_RETENTION_S, float(env.get(LIVE_RETENTION_ENV) or DEFAULT_RETENTION_S))
-    return LiveRelay(
-        bootstrap_servers(settings.kafka_url),
-        redis_client(settings.redis_url),
-        topic=topics.LIVE,
-        retention_s=retention,
-        client_id=f"{APP_ID}-relay-{socket.gethostname()}-{settings.http_port}",
-    )
-
-
-async def _handle(runner: BatchRunner, events: Sequence[Any]) -> None:
+async def _handle(
+    runner: BatchRunner, events: Sequence[Any], skipping: SkippingConsumer | None = None
+) -> None:
     """One take_events batch: each source partition in order, the partitions side by side (each commits its
     own state and offset). Never raises, except on cancellation."""
     parts: dict[tuple[str, int], list[LogRecord]] = {}
     for ev in events:
         m = ev.message
         key = m.key.decode() if isinstance(m.key, bytes) else str(m.key or "")
+        if skipping is not None and not skipping.keep(m.topic, m.partition, m.offset, key):
+            continue
         parts.setdefault((m.topic, m.partition), []).append(
             LogRecord(m.topic, m.partition, m.offset, key, m.value)
         )
@@ -433,7 +500,14 @@ async def _handle(runner: BatchRunner, events: Sequence[Any]) -> None:
         os._exit(EXIT_ABORTED_BATCH)
 
 
-def build_app(settings: Settings, runners: Sequence[BatchRunner], *, within: float = BATCH_WITHIN) -> Any:
+def build_app(
+    settings: Settings,
+    runners: Sequence[BatchRunner],
+    *,
+    within: float = BATCH_WITHIN,
+    position: FaustPosition | None = None,
+    skipping: SkippingConsumer | None = None,
+) -> Any:
     """The faust app: one batching agent per processor, no Tables, no web server."""
     import faust  # noqa: PLC0415 - slow import, only for the worker
 
@@ -456,7 +530,7 @@ def build_app(settings: Settings, runners: Sequence[BatchRunner], *, within: flo
     def agent_for(runner: BatchRunner) -> Callable[[Any], Awaitable[None]]:
         async def process(stream: Any) -> None:
             async for events in stream.take_events(BATCH, within=within):
-                await _handle(runner, events)
+                await _handle(runner, events, skipping)
 
         return process
 
@@ -483,6 +557,8 @@ def build_app(settings: Settings, runners: Sequence[BatchRunner], *, within: flo
 
     app.on_partitions_assigned.connect(cast(Any, on_assigned))
     app.on_partitions_revoked.connect(cast(Any, on_revoked))
+    if position is not None:
+        position.app = app
     return app
 
 
@@ -537,6 +613,7 @@ def main(settings: Settings, env: dict[str, str] | None = None) -> None:
         raise SystemExit("vigil worker: set VIGIL_DATABASE_URL (PostgreSQL holds the processors' state)")
     if not settings.kafka_url:
         raise SystemExit("vigil worker: set VIGIL_KAFKA_URL (kafka://host:port)")
+    relay_role(e)  # a bad VIGIL_LIVE_RELAY stops the worker here, before it joins the group
     if settings.http_port:
         check_free(settings.host, [("VIGIL_HTTP_PORT", settings.http_port, socket.SOCK_STREAM)])
     asyncio.run(_prepare_cluster(settings))
@@ -552,19 +629,36 @@ def main(settings: Settings, env: dict[str, str] | None = None) -> None:
         AdmissionRouter(),
         services.clinical.engine,
     )
+    position = FaustPosition()
     runners = [
-        BatchRunner(proc, services.the_store, services.the_sink, prepare=services.prepare)
+        BatchRunner(
+            proc,
+            services.the_store,
+            services.the_sink,
+            rewind=position.rewind,
+            earliest=position.earliest,
+            prepare=services.prepare,
+        )
         for proc in processors
     ]
-    app = build_app(settings, runners, within=float(e.get(BATCH_WITHIN_ENV) or BATCH_WITHIN))
+    every = int(e.get(SKIP_EVERY_ENV) or 0)
+    if every > 0:
+        log.warning("%s=%d: the first delivery of every %dth event is withheld", SKIP_EVERY_ENV, every, every)
+    app = build_app(
+        settings,
+        runners,
+        within=float(e.get(BATCH_WITHIN_ENV) or BATCH_WITHIN),
+        position=position,
+        skipping=SkippingConsumer(every) if every > 0 else None,
+    )
     if settings.http_port:
 
         async def http() -> None:
             await _serve_http(settings.host, settings.http_port, runners)
 
         app.task(http)
-    if settings.redis_url:
-        relay = live_relay(settings, e)
+    relay = live_relay(settings, e, "worker")
+    if relay is not None:
 
         async def relay_live() -> None:
             await relay.run()
