@@ -49,6 +49,7 @@ from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
 
 from streams.clock import Clock
+from streams.inturn import InTurn
 from streams.live import LiveRecord
 from streams.metrics import PROCESSOR_ERRORS, REGISTRY
 from streams.ports import VitalPoint, VitalsStore
@@ -69,6 +70,16 @@ RELAY_TIMEOUT_S = 5.0  # a Redis call that takes longer has failed (a hung Redis
 RELAYED = Counter("vigil_live_relayed_total", "Live records the relay appended to Redis", registry=REGISTRY)
 RELAY_FAILING = Gauge(
     "vigil_live_relay_failing", "1 while the relay cannot write to Redis (the boards wait)", registry=REGISTRY
+)
+RELAY_REWINDS = Counter(
+    "vigil_live_relay_rewinds_total",
+    "Times the relay got a live record past one it was never given and sought back to it",
+    registry=REGISTRY,
+)
+RELAY_EXPIRED = Counter(
+    "vigil_live_relay_expired_total",
+    "Live records that left Kafka (retention) before the relay moved them to Redis",
+    registry=REGISTRY,
 )
 RELAY_REPLAYS = Counter(
     "vigil_live_relay_replays_total",
@@ -199,7 +210,11 @@ class RedisLiveWriter:
             return []
         p = self._prefix
         args: list[bytes | str | int] = [
-            expected, 1 if resumed else 0, self._retention_ms, self._retention_ms // 1000, p
+            expected,
+            1 if resumed else 0,
+            self._retention_ms,
+            self._retention_ms // 1000,
+            p,
         ]
         for r in records:
             if r.event is None:
@@ -389,8 +404,10 @@ class LiveRelay:
         client_id: str = RELAY_GROUP,
         retry_initial: float = 0.2,
         retry_max: float = 2.0,
+        consumer: Callable[..., Any] | None = None,
     ) -> None:
         self._bootstrap = list(bootstrap)
+        self._consumer = consumer  # AIOKafkaConsumer unless given (tests: one that withholds records)
         self._topic = topic
         self._group = group
         self._client_id = client_id
@@ -401,6 +418,7 @@ class LiveRelay:
         self._seek = True  # (re)read the position from Redis before the next fetch
         self._expected = 0  # the position Redis is known to hold
         self._resumed = False
+        self._turn: InTurn[Any] = InTurn()  # never steps over a record Kafka showed late (streams/inturn.py)
         self.failing = False
 
     async def run(self) -> None:
@@ -418,7 +436,7 @@ class LiveRelay:
 
         delay = self._retry_initial
         while True:
-            consumer = AIOKafkaConsumer(
+            consumer = (self._consumer or AIOKafkaConsumer)(
                 bootstrap_servers=self._bootstrap,
                 client_id=self._client_id,
                 group_id=self._group,
@@ -450,17 +468,39 @@ class LiveRelay:
         if self._seek and consumer.assignment():
             await self._until_done(lambda: self._reposition(consumer))
         batch = await consumer.getmany(timeout_ms=500, max_records=RELAY_BATCH)
-        for msgs in batch.values():
-            if msgs and not self._seek:
-                await self._relay(consumer, msgs)
+        for tp, msgs in batch.items():
+            if not msgs or self._seek:
+                continue
+            run, hole = self._turn.take(tp, msgs)
+            if run:
+                await self._relay(consumer, run)
+            if hole is not None and not self._seek:
+                await self._back_to(consumer, tp, hole)
+
+    async def _back_to(self, consumer: Any, tp: Any, hole: int) -> None:
+        """Seek back to a record Kafka skipped, or past records that expired before they were relayed (the
+        site streams then mark the gap, so a client resuming across it gets `resync`)."""
+        first = (await consumer.beginning_offsets([tp]))[tp]
+        if hole < first:
+            RELAY_EXPIRED.inc(first - hole)
+            log.error("live relay: offsets %d-%d left Kafka before they were relayed", hole, first - 1)
+            self._turn.expect(tp, first)
+            self._resumed = True
+            consumer.seek(tp, first)
+            return
+        RELAY_REWINDS.inc()
+        log.warning("live relay: offset %d of %s was skipped by the consumer; sought back to it", hole, tp)
+        consumer.seek(tp, hole)
 
     async def _reposition(self, consumer: Any) -> None:
         position = await self._writer.position()
         for tp in consumer.assignment():
             if position > 0:
                 consumer.seek(tp, position)  # cursor = offset + 1: the next offset to read
+                self._turn.expect(tp, position)
             else:
                 await consumer.seek_to_beginning(tp)
+                self._turn.expect(tp, (await consumer.beginning_offsets([tp]))[tp])
         self._expected, self._resumed, self._seek = position, True, False
         log.info("live relay: resuming after cursor %d", position)
 

@@ -27,9 +27,11 @@ from sqlalchemy import select
 from records.db import Database
 from records.state_models import ProcessorOffset, ProcessorState
 from streams import topics
+from streams.inturn import InTurn
 from streams.processors.device import OFFLINE_AFTER_MS, DeviceStage
 from streams.schemas import DeviceLiveness, Event, Observations, decode
 from tests.scaled_hub import ScaledHub
+from tests.servers_kafka import getmany_in_turn
 from vigil.worker import SKIP_EVERY_ENV
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,10 +50,11 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledHub]:
 
 
 class Clinical:
-    """`vigil.clinical.v1` from its beginning, decoded."""
+    """`vigil.clinical.v1` from its beginning, decoded, no record skipped (`getmany_in_turn`)."""
 
     def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self._c = consumer
+        self._turn: InTurn[TopicPartition] = InTurn()
         self.seen: list[Event] = []
 
     async def until(self, predicate: Callable[[Event], bool], timeout: float) -> Event:
@@ -60,13 +63,11 @@ class Clinical:
             if predicate(ev):
                 return ev
         while time.monotonic() < deadline:
-            batch = await self._c.getmany(timeout_ms=200)
-            for records in batch.values():
-                for r in records:
-                    ev = decode(r.value)
-                    self.seen.append(ev)
-                    if predicate(ev):
-                        return ev
+            for r in await getmany_in_turn(self._c, self._turn):
+                ev = decode(r.value)
+                self.seen.append(ev)
+                if predicate(ev):
+                    return ev
         raise AssertionError(f"nothing matched within {timeout}s; saw {len(self.seen)} records")
 
 
@@ -96,13 +97,13 @@ async def _ingested(hub: ScaledHub, device_id: str) -> list[tuple[int, int, str]
     """(partition, offset, event id) of the device's records on the ingest topic."""
     found: list[tuple[int, int, str]] = []
     async with from_beginning(hub, topics.INGEST) as c:
+        turn: InTurn[TopicPartition] = InTurn()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            for records in (await c.getmany(timeout_ms=300)).values():
-                for r in records:
-                    ev = decode(r.value)
-                    if isinstance(ev, Observations) and ev.meta.device_id == device_id:
-                        found.append((r.partition, r.offset, ev.meta.event_id))
+            for r in await getmany_in_turn(c, turn, 300):
+                ev = decode(r.value)
+                if isinstance(ev, Observations) and ev.meta.device_id == device_id:
+                    found.append((r.partition, r.offset, ev.meta.event_id))
     return sorted(found)
 
 
@@ -110,13 +111,13 @@ async def _on_clinical(hub: ScaledHub, device_id: str) -> list[tuple[int, int, s
     """(partition, offset, event id) of the device's observations on the clinical topic, by a fresh reader."""
     found: list[tuple[int, int, str]] = []
     async with from_beginning(hub, topics.CLINICAL) as c:
+        turn: InTurn[TopicPartition] = InTurn()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            for records in (await c.getmany(timeout_ms=300)).values():
-                for r in records:
-                    ev = decode(r.value)
-                    if isinstance(ev, Observations) and ev.meta.device_id == device_id:
-                        found.append((r.partition, r.offset, ev.meta.event_id))
+            for r in await getmany_in_turn(c, turn, 300):
+                ev = decode(r.value)
+                if isinstance(ev, Observations) and ev.meta.device_id == device_id:
+                    found.append((r.partition, r.offset, ev.meta.event_id))
     return sorted(found)
 
 
