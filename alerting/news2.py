@@ -8,6 +8,7 @@ available, so a stale temperature never hides a red respiratory rate.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -117,6 +118,14 @@ def half_up(value: int | float | Decimal, step: Decimal = _WHOLE) -> Decimal:
     """Round as the chart is read: half away from zero at `step` (20.5 -> 21, 38.05 -> 38.1)."""
     if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
         raise TypeError(f"a NEWS2 number, not {value!r}")
+    return _quantized(value, step)
+
+
+@functools.lru_cache(maxsize=8192, typed=True)
+def _quantized(value: int | float | Decimal, step: Decimal) -> Decimal:
+    """`half_up` of a checked number, cached: readings repeat a few hundred values all day. Typed, so a float
+    never shares an entry with the Decimal of its exact binary value (they round differently); NaN is
+    never equal to itself, so it is never served from the cache."""
     # str() of a float is its shortest repr, so 38.05 rounds as written rather than as 38.04999...
     d = Decimal(str(value)) if isinstance(value, float) else Decimal(value)
     if not d.is_finite():

@@ -7,8 +7,10 @@ defaults. Thresholds are held in each parameter's canonical UCUM unit; time come
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from typing import Any, Literal
 
 from alerting.lifecycle import Observed, Priority
@@ -270,39 +272,74 @@ def effective_rules(
     return _effective(ruleset, unit_id, overrides, at_ms)[0]
 
 
+@dataclass(frozen=True, slots=True)
+class _InForce:
+    """Rules in force for one evaluation, with what `evaluate` looks up for each reading."""
+
+    rules: dict[str, Rule]
+    windows: dict[str, int]  # the longest change window over each parameter
+    ordered: tuple[tuple[str, Rule], ...]  # the rules in their order
+    by_param: dict[str, tuple[int, ...]]  # parameter -> indexes in `ordered` of the rules reading it
+
+    @staticmethod
+    def of(rules: dict[str, Rule]) -> _InForce:
+        ordered = tuple(rules.items())
+        by_param: dict[str, list[int]] = {}
+        for i, (_, rule) in enumerate(ordered):
+            for ref in sorted(rule.params):
+                by_param.setdefault(ref, []).append(i)
+        return _InForce(rules, _windows(rules), ordered, {k: tuple(v) for k, v in by_param.items()})
+
+    def touching(self, refs: set[str]) -> list[tuple[str, Rule]]:
+        """The rules that read any of `refs`, in rule order."""
+        if len(refs) == 1:
+            (ref,) = refs
+            return [self.ordered[i] for i in self.by_param.get(ref, ())]
+        found = {i for ref in refs for i in self.by_param.get(ref, ())}
+        return [self.ordered[i] for i in sorted(found)]
+
+
 def _effective(
     ruleset: Ruleset, unit_id: str | None, overrides: Iterable[PatientOverride], at_ms: int
 ) -> tuple[dict[str, Rule], dict[str, int]]:
     """`effective_rules` and the change windows of those rules."""
-    base, windows = _unit_rules(ruleset, unit_id)
-    live = [ov for ov in overrides if at_ms < ov.expires_at and ov.condition in base]
+    found = _in_force(ruleset, unit_id, overrides, at_ms)
+    return found.rules, found.windows
+
+
+def _in_force(
+    ruleset: Ruleset, unit_id: str | None, overrides: Iterable[PatientOverride], at_ms: int
+) -> _InForce:
+    base = _unit_rules(ruleset, unit_id)
+    live = [ov for ov in overrides if at_ms < ov.expires_at and ov.condition in base.rules]
     if not live:
-        return base, windows
+        return base
     rules = dict(ruleset.rules_for(unit_id))
     for ov in live:
         if ov.condition in rules:
             rules[ov.condition] = apply_override(rules[ov.condition], ov)
     rules[FLOOR_CONDITION] = enforce_floor(rules.get(FLOOR_CONDITION, floor_rule()))[0]
-    return rules, _windows(rules)
+    return _InForce.of(rules)
 
 
-# (id(ruleset), unit) -> (the ruleset, its rules with the floor enforced, change windows per parameter).
-# The ruleset is kept in the entry, so an id reused by a later ruleset never matches a stale entry.
-_UNIT_RULES: dict[tuple[int, str | None], tuple[Ruleset, dict[str, Rule], dict[str, int]]] = {}
+# (id(ruleset), unit) -> (the ruleset, its rules with the floor enforced and their lookups). The ruleset is
+# kept in the entry, so an id reused by a later ruleset never matches a stale entry.
+_UNIT_RULES: dict[tuple[int, str | None], tuple[Ruleset, _InForce]] = {}
 _UNIT_RULES_MAX = 256
 
 
-def _unit_rules(ruleset: Ruleset, unit_id: str | None) -> tuple[dict[str, Rule], dict[str, int]]:
+def _unit_rules(ruleset: Ruleset, unit_id: str | None) -> _InForce:
     key = (id(ruleset), unit_id)
     hit = _UNIT_RULES.get(key)
     if hit is not None and hit[0] is ruleset:
-        return hit[1], hit[2]
+        return hit[1]
     rules = dict(ruleset.rules_for(unit_id))
     rules[FLOOR_CONDITION] = enforce_floor(rules.get(FLOOR_CONDITION, floor_rule()))[0]
     if len(_UNIT_RULES) >= _UNIT_RULES_MAX:  # hot reloads leave old rulesets behind: start over
         _UNIT_RULES.clear()
-    _UNIT_RULES[key] = (ruleset, rules, _windows(rules))
-    return rules, _UNIT_RULES[key][2]
+    found = _InForce.of(rules)
+    _UNIT_RULES[key] = (ruleset, found)
+    return found
 
 
 def _windows(rules: Mapping[str, Rule]) -> dict[str, int]:
@@ -372,7 +409,8 @@ def evaluate(
     true on every judgement while active (the lifecycle needs values to see worsening) and false once.
     """
     state = state or PatientRulesState()
-    rules, windows = _effective(ruleset, unit_id, overrides, at_ms)
+    in_force = _in_force(ruleset, unit_id, overrides, at_ms)
+    rules, windows = in_force.rules, in_force.windows
     latest = dict(state.latest)
     history = dict(state.history)
     rstates = dict(state.rules)
@@ -400,13 +438,16 @@ def evaluate(
                 continue  # a late reading never rewrites the present
             latest[ref] = (ts, value)
             touched.add(ref)
-            if ref in windows:
-                kept = tuple(p for p in history.get(ref, ()) if p[0] >= ts - windows[ref])
+            if ref in windows:  # kept in time order: a late reading never gets here
+                kept = history.get(ref, ())
+                cut = ts - windows[ref]
+                if kept and kept[0][0] < cut:
+                    kept = kept[bisect_left(kept, cut, key=_time) :]
                 history[ref] = (*kept, (ts, value))
-        for cond, rule in rules.items():
-            if not rule.params & touched:
-                continue
-            st = rstates.get(cond, RuleState())
+        if not touched:
+            continue
+        for cond, rule in in_force.touching(touched):
+            st = rstates.get(cond, _NEVER_JUDGED)
             if st.last_seen is not None and ts < st.last_seen:
                 continue
             new, sig = _judge(rule, st, ruleset, latest, history, ts)
@@ -414,6 +455,13 @@ def evaluate(
             if sig is not None:
                 signals.append(sig)
     return PatientRulesState(latest, history, rstates), signals
+
+
+_NEVER_JUDGED = RuleState()
+
+
+_time = itemgetter(0)  # of a history point (device ms, value)
+_value = itemgetter(1)
 
 
 def _judge(
@@ -424,14 +472,18 @@ def _judge(
     history: Mapping[str, tuple[tuple[int, float], ...]],
     ts: int,
 ) -> tuple[RuleState, Signal | None]:
-    verdicts = [_term(t, st.active, ruleset, latest, history, ts) for t in rule.terms]
-    holds = _combine([v for v, _ in verdicts], rule.mode)
-    value = verdicts[0][1]
+    terms = rule.terms
+    if len(terms) == 1:
+        holds, value = _term(terms[0], st.active, ruleset, latest, history, ts)
+    else:
+        verdicts = [_term(t, st.active, ruleset, latest, history, ts) for t in terms]
+        holds = _combine([v for v, _ in verdicts], rule.mode)
+        value = verdicts[0][1]
     since = st.since
     if st.last_seen is not None and ts - st.last_seen > rule.max_gap_ms:
         since = None  # not continuously true across a gap in the data
     if holds is None:  # a stale or missing input: unknown; the lifecycle hears of gaps from liveness
-        return replace(st, since=None, last_seen=ts), None
+        return RuleState(st.active, None, ts, st.priority), None
     if not holds:
         new = RuleState(False, None, ts, st.priority)
         return new, (Signal(rule.condition, False, ts, st.priority, value) if st.active else None)
@@ -462,23 +514,23 @@ def _term(
     history: Mapping[str, tuple[tuple[int, float], ...]],
     ts: int,
 ) -> tuple[bool | None, float | None]:
-    def fresh(ref: str) -> float | None:
-        got = latest.get(ref)
-        return None if got is None or ts - got[0] > ruleset.stale_after(ref) else got[1]
-
     value: float | None
-    if term.kind == "value":
-        value = fresh(term.params[0])
-    elif term.kind == "ratio":
-        num, den = fresh(term.params[0]), fresh(term.params[1])
+    kind = term.kind
+    if kind == "value":
+        value = _fresh(ruleset, latest, term.params[0], ts)
+    elif kind == "ratio":
+        num, den = _fresh(ruleset, latest, term.params[0], ts), _fresh(ruleset, latest, term.params[1], ts)
         value = None if num is None or den is None or den == 0 else num / den
     else:
-        now = fresh(term.params[0])
-        pts = [v for t, v in history.get(term.params[0], ()) if t >= ts - term.window_ms]
+        now = _fresh(ruleset, latest, term.params[0], ts)
+        pts = history.get(term.params[0], ())
+        cut = ts - term.window_ms
+        if pts and pts[0][0] < cut:
+            pts = pts[bisect_left(pts, cut, key=_time) :]
         if now is None or len(pts) < 2:
             value = None
         else:  # the largest swing inside the window in the direction the rule watches
-            value = now - (min(pts) if term.op in (">", ">=") else max(pts))
+            value = now - (min(pts, key=_value) if term.op in (">", ">=") else max(pts, key=_value))[1]
     if value is None:
         return None, None
     thr = term.clear_threshold() if active else term.threshold
@@ -491,3 +543,10 @@ def _term(
             return value > thr, value
         case ">=":
             return value >= thr, value
+
+
+def _fresh(ruleset: Ruleset, latest: Mapping[str, tuple[int, float]], ref: str, ts: int) -> float | None:
+    got = latest.get(ref)
+    if got is None or ts - got[0] > ruleset.stale_ms.get(ref, ruleset.default_stale_ms):
+        return None
+    return got[1]

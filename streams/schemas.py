@@ -42,6 +42,11 @@ class Meta:
     device_type: str | None = None  # monitor, pump, ...: its liveness timeout; None for manual entries
 
 
+def seq_event_id(device_id: str, kind: str, boot: str | None, seq: int) -> str:
+    """The dedup key of a message that carries `seq` and no `id` (contract section 3)."""
+    return f"{device_id}/{kind}/{boot or '-'}/{seq}"
+
+
 @dataclass(frozen=True, slots=True)
 class ObsItem:
     """One measured value, already converted to the code's canonical UCUM unit."""

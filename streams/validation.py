@@ -39,6 +39,7 @@ from streams.schemas import (
     ObsItem,
     PumpStatus,
     Sos,
+    seq_event_id,
 )
 from streams.units import UnitError, convert
 
@@ -385,7 +386,7 @@ def _meta(ctx: _Ctx, body: dict[Any, Any], patient_id: str | None) -> tuple[Meta
     if msg_id is not None:
         event_id = f"{dev.id}/{ctx.kind}/id/{msg_id}"
     elif seq is not None:
-        event_id = f"{dev.id}/{ctx.kind}/{boot or '-'}/{seq}"
+        event_id = seq_event_id(dev.id, ctx.kind, boot, seq)
     else:
         event_id = f"{dev.id}/{ctx.kind}/rx/{ctx.received_at}/{zlib.crc32(ctx.payload):08x}"
     meta = Meta(

@@ -7,6 +7,7 @@ next message. Ticks arrive every second, so a silence is reported at most a seco
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,10 +31,16 @@ from streams.schemas import (
     PumpStatus,
     Sos,
     Tick,
+    seq_event_id,
 )
 
 DEDUP_WINDOW_MS = 10 * 60_000  # the contract keeps dedup keys at least 10 minutes
 DEDUP_PRUNE_SLACK_MS = 60_000  # ids are kept the window and up to this much longer (pruned in bulk)
+# Messages keyed by seq are remembered as runs of consecutive seqs per (kind, boot): a device that sends in
+# order keeps one run however long it runs, so its state stays a few bytes (it is written on every batch).
+# A run is forgotten once nothing joined it for the dedup window; a device with more gaps than this keeps
+# its most recently extended runs.
+MAX_SEQ_RUNS = 256
 ACVPU_SCORE = {"A": 0.0, "C": 1.0, "V": 2.0, "P": 3.0, "U": 4.0}
 # A message whose delay (received time - device time) exceeds the device's usual delay by this much is
 # backfill: buffered through an outage and sent late. The usual delay is the smallest seen in the last
@@ -56,7 +63,9 @@ OFFLINE_AFTER_MS: dict[str, int] = {
 class DeviceState:
     """What stage one remembers of a device."""
 
-    seen: dict[str, int] = field(default_factory=dict)  # event id -> received_at, for the dedup window
+    seen: dict[str, int] = field(default_factory=dict)  # id-keyed event id -> received_at (dedup window)
+    # "kind/boot" -> runs [first seq, last seq, last received_at] of the seqs seen, sorted, disjoint
+    seqs: dict[str, list[list[int]]] = field(default_factory=dict)
     high_seq: dict[str, int] = field(default_factory=dict)  # "kind/boot" -> highest seq seen
     last_received_at: int = 0
     oldest_seen: int = 0  # lower bound of `seen`'s received_at, so pruning is skipped when nothing is old
@@ -87,9 +96,11 @@ class DeviceStage:
             return state, ()
         st = state if state is not None else DeviceState()
         rx = meta.received_at
-        if meta.event_id in st.seen:
+        by_seq = meta.seq is not None and meta.event_id == seq_event_id(
+            meta.device_id, meta.kind, meta.boot, meta.seq
+        )
+        if not self._first(st, meta, by_seq):
             return st, (Count("vigil_duplicates_total"),)
-        self._remember(st, meta)
         effects: list[Effect] = []
         if meta.transport != "api":  # a manual entry says nothing of the device's link
             if st.offline and rx >= st.last_received_at:
@@ -172,19 +183,37 @@ class DeviceStage:
         return Emit(topics.CLINICAL, topics.clinical_key(patient, bed, device_id), event)
 
     @staticmethod
-    def _remember(st: DeviceState, meta: Meta) -> None:
+    def _first(st: DeviceState, meta: Meta, by_seq: bool) -> bool:
+        """False for a duplicate; otherwise remember the message (and prune what left the window)."""
         rx = meta.received_at
-        st.seen[meta.event_id] = rx
+        if by_seq:
+            assert meta.seq is not None
+            if not _add_seq(st.seqs.setdefault(f"{meta.kind}/{meta.boot or '-'}", []), meta.seq, rx):
+                return False
+        elif meta.event_id in st.seen:
+            return False
+        else:
+            st.seen[meta.event_id] = rx
         if not st.oldest_seen:
             st.oldest_seen = rx
         cutoff = rx - DEDUP_WINDOW_MS
         if st.oldest_seen < cutoff - DEDUP_PRUNE_SLACK_MS:  # pruned once a minute, not on every event
             st.seen = {k: v for k, v in st.seen.items() if v >= cutoff}
-            st.oldest_seen = min(st.seen.values(), default=rx)
+            seqs: dict[str, list[list[int]]] = {}
+            for slot, runs in st.seqs.items():
+                kept = [r for r in runs if r[2] >= cutoff]
+                if kept:
+                    seqs[slot] = kept
+            st.seqs = seqs
+            st.oldest_seen = min(
+                (*st.seen.values(), *(r[2] for runs in seqs.values() for r in runs)), default=rx
+            )
+        return True
 
     def encode_state(self, state: DeviceState) -> bytes:
         body: dict[str, Any] = {
-            "s": state.seen, "h": state.high_seq, "r": state.last_received_at, "o": state.oldest_seen,
+            "s": state.seen, "q": state.seqs, "h": state.high_seq, "r": state.last_received_at,
+            "o": state.oldest_seen,
         }  # fmt: skip
         if state.where is not None:
             body["w"] = state.where
@@ -200,6 +229,7 @@ class DeviceStage:
         where = d.get("w")
         return DeviceState(
             seen=d["s"],
+            seqs=d.get("q", {}),
             high_seq=d["h"],
             last_received_at=d["r"],
             oldest_seen=d["o"],
@@ -208,6 +238,40 @@ class DeviceStage:
             device_id=d.get("d", ""),
             delays=d.get("dl", []),
         )
+
+
+def _add_seq(runs: list[list[int]], seq: int, rx: int) -> bool:
+    """Add `seq` to sorted disjoint runs [first, last, last received_at]; False when it is in one already."""
+    if runs:
+        last = runs[-1]
+        if last[1] == seq - 1:  # the usual case: the next one in order
+            last[1] = seq
+            last[2] = max(last[2], rx)
+            return True
+    i = bisect_right(runs, seq, key=_run_start)  # runs[i - 1] is the last run starting at or before seq
+    before = runs[i - 1] if i else None
+    if before is not None and seq <= before[1]:
+        return False
+    after = runs[i] if i < len(runs) else None
+    if before is not None and before[1] == seq - 1:
+        before[1] = seq
+        before[2] = max(before[2], rx)
+        if after is not None and after[0] == seq + 1:  # the gap between two runs is filled: join them
+            before[1] = after[1]
+            before[2] = max(before[2], after[2])
+            del runs[i]
+    elif after is not None and after[0] == seq + 1:
+        after[0] = seq
+        after[2] = max(after[2], rx)
+    else:
+        runs.insert(i, [seq, seq, rx])
+        if len(runs) > MAX_SEQ_RUNS:  # forget the run extended longest ago
+            del runs[min(range(len(runs)), key=lambda j: runs[j][2])]
+    return True
+
+
+def _run_start(run: list[int]) -> int:
+    return run[0]
 
 
 def live_update(event: Event) -> LiveUpdate | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -76,3 +77,39 @@ async def test_state_and_offset_are_atomic(db: Database) -> None:
         await store.commit("device", "t", 0, 20, bad)
     assert await store.applied("device", "t", 0) == 10
     assert await store.load("device", ["a", "bad"]) == {"a": b"old"}
+
+
+async def test_concurrent_commits_of_one_partition_keep_the_higher_offset(db: Database) -> None:
+    """A zombie's commit racing the new owner's: whatever the order, the higher offset and its state win."""
+    store = SqlStateStore(db)
+    await store.commit("device", "t", 3, 5, [("device", "k", b"v5")])
+    for _ in range(5):
+        results = await asyncio.gather(
+            store.commit("device", "t", 3, 30, [("device", "k", b"v30")]),
+            store.commit("device", "t", 3, 20, [("device", "k", b"v20"), ("device", "z", b"zombie")]),
+            return_exceptions=True,
+        )
+        assert results[0] is None
+        assert results[1] is None or isinstance(results[1], OffsetRegressionError)
+        assert await store.applied("device", "t", 3) == 30
+        if results[1] is None:  # the zombie went first: the owner's commit then overwrote its state
+            await store.commit("device", "t", 3, 30, [("device", "z", None)])
+        assert await store.load("device", ["k", "z"]) == {"k": b"v30"}
+
+
+async def test_a_commit_after_the_database_dropped_the_connection_succeeds(db: Database) -> None:
+    """A connection the server closed is not handed out again for the next batch."""
+    if db.dialect != "postgresql":
+        pytest.skip("PostgreSQL only: a server that terminates sessions")
+    store = SqlStateStore(db)
+    await store.commit("device", "t", 4, 1, [("device", "a", b"1")])
+    async with db.engine.connect() as conn:  # every other session of this database, pooled ones included
+        await conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+        await conn.commit()
+    await store.commit("device", "t", 4, 2, [("device", "a", b"2")])
+    assert await store.load("device", ["a"]) == {"a": b"2"}

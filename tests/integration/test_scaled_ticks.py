@@ -140,7 +140,8 @@ async def _device_stage_state(hub: ScaledHub, device_id: str) -> str:
             ).all()
     finally:
         await db.close()
-    stepped = sorted(DeviceStage().decode_state(bytes(raw)).seen) if raw is not None else None
+    st = DeviceStage().decode_state(bytes(raw)) if raw is not None else None
+    stepped = None if st is None else (sorted(st.seen), st.seqs)
     return f"device stage stepped {stepped}; applied ingest offsets {sorted(tuple(o) for o in offsets)}"
 
 
