@@ -77,6 +77,7 @@ BATCH = 1000  # events per take_events batch
 BATCH_WITHIN = 0.05  # seconds take_events waits to fill a batch
 BATCH_WITHIN_ENV = "VIGIL_WORKER_BATCH_WITHIN"  # override of BATCH_WITHIN (seconds): latency for throughput
 FAIL_BATCHES_ENV = "VIGIL_WORKER_FAIL_BATCHES"  # test hook: the first K effect batches fail
+INLINE_DELIVERY_ENV = "VIGIL_WORKER_INLINE_DELIVERY"  # 0: faust's own consumer (vigil/faust_consumer.py)
 SKIP_EVERY_ENV = "VIGIL_WORKER_SKIP_EVERY"  # test hook: withhold the first delivery of every Nth event
 VITALS_SQLITE_ENV = "VIGIL_VITALS_SQLITE"  # vitals in this SQLite file instead of the configured store
 EXIT_ABORTED_BATCH = 70  # os._exit code when the worker is cancelled in the middle of a batch
@@ -507,6 +508,7 @@ def build_app(
     within: float = BATCH_WITHIN,
     position: FaustPosition | None = None,
     skipping: SkippingConsumer | None = None,
+    inline_delivery: bool = True,
 ) -> Any:
     """The faust app: one batching agent per processor, no Tables, no web server."""
     import faust  # noqa: PLC0415 - slow import, only for the worker
@@ -525,6 +527,10 @@ def build_app(
         web_enabled=False,
         datadir=str(settings.data_dir / "faust"),
     )
+    if inline_delivery:
+        from vigil.faust_consumer import Transport  # noqa: PLC0415 - imports faust
+
+        app.transport = Transport(app.conf.broker_consumer, app)
     by_topic = {r.proc.topic: r for r in runners}
 
     def agent_for(runner: BatchRunner) -> Callable[[Any], Awaitable[None]]:
@@ -650,6 +656,7 @@ def main(settings: Settings, env: dict[str, str] | None = None) -> None:
         within=float(e.get(BATCH_WITHIN_ENV) or BATCH_WITHIN),
         position=position,
         skipping=SkippingConsumer(every) if every > 0 else None,
+        inline_delivery=e.get(INLINE_DELIVERY_ENV, "1") != "0",
     )
     if settings.http_port:
 
