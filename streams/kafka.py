@@ -126,6 +126,10 @@ class KafkaSettings:
     # dedup on the event id absorbs (redelivery is normal: design.md rule 3).
     idempotent: bool = False
     linger_ms: int = 2  # a small wait lets concurrent appends share one produce request
+    # Bytes of one record batch. A partition has one batch in flight at a time, so a worker's append of a few
+    # thousand records to one partition (the live topic has one) costs a round trip per batch: aiokafka's
+    # 16 KiB made that dozens of round trips per worker batch. Kept under the broker's 1 MiB message limit.
+    max_batch_size: int = 512 * 1024
     delivery_timeout: float = 5.0  # seconds an append may take before it fails (and nothing is acked)
     connect_timeout: float = 30.0  # seconds `start()` keeps trying to reach the cluster
 
@@ -161,6 +165,7 @@ class KafkaBus:
                 acks="all",
                 enable_idempotence=s.idempotent,
                 linger_ms=s.linger_ms,
+                max_batch_size=s.max_batch_size,
                 compression_type=_compression(),
                 request_timeout_ms=max(1000, int(s.delivery_timeout * 1000)),
                 retry_backoff_ms=100,

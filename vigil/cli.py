@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import orjson
 
 from streams.schemas import DEVICE_TYPES
-from vigil import logs, settings
+from vigil import gctune, logs, settings
 
 ROLES = ("nurse", "charge_nurse", "doctor", "dispatcher", "admin")
 
@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logs.setup(os.environ.get("VIGIL_LOG_LEVEL", "INFO"))
     cfg = settings.load()
+    if args.command in ("run", "gateway", "worker", "api"):
+        gctune.tune(os.environ)
     with contextlib.suppress(ImportError):
         import uvloop
 

@@ -73,7 +73,7 @@ from vigil.settings import Settings
 log = logging.getLogger(__name__)
 
 APP_ID = "vigil-worker"  # the Kafka consumer group of every worker process
-BATCH = 1000  # events per take_events batch
+BATCH = 4000  # events per take_events batch
 BATCH_WITHIN = 0.05  # seconds take_events waits to fill a batch
 BATCH_WITHIN_ENV = "VIGIL_WORKER_BATCH_WITHIN"  # override of BATCH_WITHIN (seconds): latency for throughput
 FAIL_BATCHES_ENV = "VIGIL_WORKER_FAIL_BATCHES"  # test hook: the first K effect batches fail
@@ -511,11 +511,11 @@ def build_app(
     inline_delivery: bool = True,
 ) -> Any:
     """The faust app: one batching agent per processor, no Tables, no web server."""
-    import faust  # noqa: PLC0415 - slow import, only for the worker
+    from vigil.faust_app import App, RawSchema  # noqa: PLC0415 - faust: slow import, only for the worker
 
     assert settings.kafka_url is not None
     broker = ";".join(f"kafka://{s}" for s in bootstrap_servers(settings.kafka_url))
-    app = faust.App(
+    app = App(
         APP_ID,
         broker=broker,
         store="memory://",  # no Tables: state lives in the records database
@@ -524,6 +524,7 @@ def build_app(
         broker_heartbeat_interval=1.0,
         broker_rebalance_timeout=6.0,
         consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=16384,
         web_enabled=False,
         datadir=str(settings.data_dir / "faust"),
     )
@@ -543,8 +544,7 @@ def build_app(
     for runner in runners:
         topic = app.topic(
             runner.proc.topic,
-            key_serializer="raw",
-            value_serializer="raw",
+            schema=RawSchema(),
             partitions=topics.PARTITIONS.get(runner.proc.topic),
         )
         app.agent(topic, name=f"vigil-{runner.proc.name}")(agent_for(runner))

@@ -164,9 +164,13 @@ async def test_kill9_mid_stream_then_resends_lose_and_double_nothing(
         # The injected failures fall on whichever processors' batches come first (device, clinical, ...).
         assert await metric(port2, "vigil_processor_errors_total") >= FAIL_BATCHES
         assert await metric(port2, "vigil_worker_events_total", 'processor="device"') > 0
-        async with httpx.AsyncClient() as client:
-            health = await client.get(f"http://127.0.0.1:{port2}/healthz", timeout=5)
-        assert health.status_code == 200, health.text
+
+        async def healthy() -> bool:  # recovered: every processor's last batch went through
+            async with httpx.AsyncClient() as client:
+                health = await client.get(f"http://127.0.0.1:{port2}/healthz", timeout=5)
+            return health.status_code == 200
+
+        await wait_for(healthy, 15, "/healthz to report the worker recovered", w2_proc)
 
         keys = vitals_keys(vitals)
         expected = {f"{decode(v).meta.event_id}#0" for _, _, v in events}  # type: ignore[union-attr]
