@@ -208,7 +208,7 @@ class Bench:
 
         self.a = a
         self.ctx = mp.get_context("spawn")
-        self.stack = DevStack(None, nodes=1, admin_password="bench-admin-pw")
+        self.stack = DevStack(a.keep, nodes=1, admin_password="bench-admin-pw")
         self.stack.env_extra.update(dict(kv.split("=", 1) for kv in a.env))
         self.extra_workers: list[str] = []
         self.load = ingest.device_ids(LOAD_UNITS * BEDS_PER_UNIT)
@@ -496,6 +496,7 @@ class Bench:
         for name in ("gateway1", *self.workers()):
             pid = self.stack.parts[name].pid
             argv = [pyspy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--nonblocking"]
+            argv += ["--idle"] if self.a.profile_idle else []
             argv += ["-o", str(self.a.profile / f"{boot}-{name}.txt")]
             out.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return out
@@ -517,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=float, default=60, help="s a flood may take before it is cut off")
     ap.add_argument("--workers", default="1,2", help="worker counts, in order (1,2)")
     ap.add_argument("--profile", type=Path, help="dir: py-spy the gateway and workers during each flood")
+    ap.add_argument("--keep", type=Path, help="dir: the stack's data and logs, kept after the run")
+    ap.add_argument("--profile-idle", action="store_true", help="the profile counts waiting threads too")
     ap.add_argument("--env", action="append", default=[], help="K=V for every Vigil process (repeatable)")
     ap.add_argument("--phases", default="flood,drain,paced", help="which phases of each round, in order")
     a = ap.parse_args(argv)

@@ -64,6 +64,7 @@ class AdmissionFeed:
         self._topic = topic
         self._fence_timeout = fence_timeout
         self._consumer: AIOKafkaConsumer | None = None
+        self._offsets: AIOKafkaConsumer | None = None  # end offsets only: its connection never holds a fetch
         self._tps: list[TopicPartition] = []
         self._task: asyncio.Task[None] | None = None
         self._applied: dict[TopicPartition, int] = {}  # next offset the registry does not reflect yet
@@ -82,7 +83,19 @@ class AdmissionFeed:
             fetch_max_wait_ms=100,
             request_timeout_ms=10_000,
         )
+        offsets = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            client_id=f"{self._client_id}-admission-offsets",
+            group_id=None,
+            enable_auto_commit=False,
+            request_timeout_ms=10_000,
+        )
         await consumer.start()
+        try:
+            await offsets.start()
+        except BaseException:
+            await consumer.stop()
+            raise
         try:
             parts = consumer.partitions_for_topic(self._topic)
             if not parts:
@@ -94,8 +107,9 @@ class AdmissionFeed:
                 self._applied[tp] = await consumer.position(tp)
         except BaseException:
             await consumer.stop()
+            await offsets.stop()
             raise
-        self._consumer = consumer
+        self._consumer, self._offsets = consumer, offsets
         await self._refresh()
         self._task = asyncio.create_task(self._follow_loop(), name="admission-feed")
 
@@ -105,10 +119,11 @@ class AdmissionFeed:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+        for consumer in (self._consumer, self._offsets):
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+        self._consumer = self._offsets = None
 
     async def _follow_loop(self) -> None:
         assert self._consumer is not None
@@ -167,7 +182,7 @@ class AdmissionFeed:
             with contextlib.suppress(Exception):
                 await previous
         self._inflight, self._next = self._next, None
-        consumer = self._consumer
+        consumer = self._offsets
         if consumer is None:
             return
         ends = await consumer.end_offsets(self._tps)

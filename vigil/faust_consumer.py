@@ -41,8 +41,28 @@ def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any,
             return stop.value
 
 
+FETCH_MAX_WAIT_MS = 50  # faust hard-codes 1,500
+
+
+class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """faust's consumer thread, with fetches that wait at most `FETCH_MAX_WAIT_MS` for data.
+
+    faust builds its aiokafka consumer with `fetch_max_wait_ms=1500` and no setting to change it. A broker
+    that holds an empty fetch for the whole wait and does not answer it early when records arrive (tansu
+    does so) then adds up to 1.5 s to every record that finds its partition's fetch already parked: on
+    each of a reading's two worker hops."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts its fetcher
+        return consumer
+
+
 class Consumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer; a delivery that completes at once costs no task (module docstring)."""
+
+    def _new_consumer_thread(self) -> ConsumerThread:
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def wait_first(self, *coros: WaitArgT, timeout: Any = None) -> WaitResults:
         first = coros[0] if coros else None
